@@ -1,0 +1,90 @@
+//! Which address is the client's (SPEC section 2, `client_ip`).
+//!
+//! With `xff_trusted_hops = 0` the client is the downstream peer (`source.address`). With N > 0
+//! it is the Nth `x-forwarded-for` entry from the right, as Envoy's `xff_num_trusted_hops`
+//! counts them: over the header as it arrived. The shipped configs set `use_remote_address:
+//! true`, so Envoy appends the peer before the filter runs; that appended entry is skipped.
+//! Entries left of the trusted ones are client-controlled and never looked at.
+
+/// Strips the port from `source.address` (`1.2.3.4:5678`, `[::1]:80`).
+pub fn strip_port(addr: &str) -> &str {
+    if let Some(rest) = addr.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match addr.rfind(':') {
+        // One colon: IPv4 with port. More: bare IPv6 without brackets, keep it whole.
+        Some(i) if addr[..i].find(':').is_none() => &addr[..i],
+        _ => addr,
+    }
+}
+
+/// Returns the client IP. `xff` is the `x-forwarded-for` value, `peer` is `source.address`.
+pub fn resolve<'a>(trusted_hops: u32, xff: Option<&'a str>, peer: Option<&'a str>) -> Option<&'a str> {
+    let peer_ip = peer.map(strip_port).filter(|p| !p.is_empty());
+    if trusted_hops == 0 {
+        return peer_ip;
+    }
+    let xff = match xff {
+        Some(x) => x,
+        None => return peer_ip,
+    };
+    let mut entries = xff.rsplit(',').map(str::trim);
+    let mut n = trusted_hops as usize;
+    let mut first = entries.next();
+    // Skip the peer address Envoy appended (use_remote_address: true).
+    if first.is_some() && first == peer_ip {
+        first = entries.next();
+    }
+    let mut cur = first;
+    while n > 1 {
+        cur = entries.next();
+        n -= 1;
+    }
+    match cur {
+        Some(ip) if is_ip(ip) => Some(ip),
+        // Too few hops or garbage: the nearest address we can trust is the peer.
+        _ => peer_ip,
+    }
+}
+
+fn is_ip(s: &str) -> bool {
+    s.parse::<std::net::IpAddr>().is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_ports() {
+        assert_eq!(strip_port("1.2.3.4:80"), "1.2.3.4");
+        assert_eq!(strip_port("[::1]:80"), "::1");
+        assert_eq!(strip_port("::1"), "::1");
+        assert_eq!(strip_port("1.2.3.4"), "1.2.3.4");
+    }
+
+    #[test]
+    fn zero_hops_uses_the_peer_whatever_xff_says() {
+        assert_eq!(resolve(0, Some("9.9.9.9"), Some("10.0.0.1:1234")), Some("10.0.0.1"));
+        assert_eq!(resolve(0, None, None), None);
+    }
+
+    #[test]
+    fn nth_from_the_right_skipping_envoys_appended_peer() {
+        // Client forged "6.6.6.6", the trusted LB (10.0.0.1) appended the real client 1.1.1.1,
+        // and Envoy appended the LB as peer.
+        let xff = "6.6.6.6, 1.1.1.1, 10.0.0.1";
+        assert_eq!(resolve(1, Some(xff), Some("10.0.0.1:5555")), Some("1.1.1.1"));
+        assert_eq!(resolve(2, Some(xff), Some("10.0.0.1:5555")), Some("6.6.6.6"));
+        // Without the appended peer (use_remote_address: false) the count starts at the end.
+        assert_eq!(resolve(1, Some("6.6.6.6, 1.1.1.1"), Some("10.0.0.9:1")), Some("1.1.1.1"));
+    }
+
+    #[test]
+    fn too_few_entries_or_garbage_fall_back_to_the_peer() {
+        assert_eq!(resolve(3, Some("1.1.1.1, 10.0.0.1"), Some("10.0.0.1:1")), Some("10.0.0.1"));
+        assert_eq!(resolve(1, Some("not-an-ip, 10.0.0.1"), Some("10.0.0.1:1")), Some("10.0.0.1"));
+        assert_eq!(resolve(1, None, Some("10.0.0.1:1")), Some("10.0.0.1"));
+        assert_eq!(resolve(1, Some(""), Some("10.0.0.1:1")), Some("10.0.0.1"));
+    }
+}

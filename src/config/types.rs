@@ -1,0 +1,342 @@
+//! The filter configuration as users write it (SPEC section 2): serde types only.
+//!
+//! Every struct denies unknown fields: a typo such as `scope_all` must fail loudly instead of
+//! silently disabling a check. Defaults live here so the whole contract is in one file.
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub client_ip: ClientIpConfig,
+    #[serde(default)]
+    pub identity_headers: IdentityHeaders,
+    pub api_keys: Option<ApiKeysConfig>,
+    #[serde(default)]
+    pub jwt_providers: BTreeMap<String, JwtProviderConfig>,
+    #[serde(default)]
+    pub rate_limits: BTreeMap<String, RateLimitConfig>,
+    /// Extension: sizing of the shared-data slot tables behind rate limits.
+    pub rate_limit_table: Option<RateLimitTableConfig>,
+    pub cors: Option<CorsConfig>,
+    /// Header name -> value; `null` removes a default header.
+    #[serde(default)]
+    pub security_headers: BTreeMap<String, Option<String>>,
+    #[serde(default)]
+    pub webhooks: BTreeMap<String, WebhookConfig>,
+    pub quota: Option<QuotaConfig>,
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    pub default_route: Option<PolicyConfig>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientIpConfig {
+    #[serde(default)]
+    pub xff_trusted_hops: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityHeaders {
+    #[serde(default = "d_subject")]
+    pub subject: String,
+    #[serde(default = "d_client")]
+    pub client: String,
+    #[serde(default = "d_tier")]
+    pub tier: String,
+    #[serde(default = "d_scopes")]
+    pub scopes: String,
+}
+fn d_subject() -> String {
+    "x-auth-subject".into()
+}
+fn d_client() -> String {
+    "x-auth-client".into()
+}
+fn d_tier() -> String {
+    "x-auth-tier".into()
+}
+fn d_scopes() -> String {
+    "x-auth-scopes".into()
+}
+impl Default for IdentityHeaders {
+    fn default() -> Self {
+        Self {
+            subject: d_subject(),
+            client: d_client(),
+            tier: d_tier(),
+            scopes: d_scopes(),
+        }
+    }
+}
+
+/// A secret given literally or as `{"env": "NAME"}` (read from the VM's environment).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Secret {
+    Literal(String),
+    Env(String),
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct EnvRef {
+            env: String,
+        }
+        let v = serde_json::Value::deserialize(d)?;
+        match v {
+            serde_json::Value::String(s) => Ok(Secret::Literal(s)),
+            serde_json::Value::Object(_) => serde_json::from_value::<EnvRef>(v)
+                .map(|e| Secret::Env(e.env))
+                .map_err(de::Error::custom),
+            _ => Err(de::Error::custom(
+                "expected a string or {\"env\": \"NAME\"}",
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeysConfig {
+    #[serde(default = "d_api_key_header")]
+    pub header: String,
+    #[serde(default)]
+    pub keys: Vec<ApiKeyConfig>,
+}
+fn d_api_key_header() -> String {
+    "x-api-key".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    pub id: String,
+    /// Hex SHA-256 of the key; the key itself never appears in config.
+    pub sha256: String,
+    pub tier: Option<String>,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtProviderConfig {
+    pub issuer: Option<String>,
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    pub algorithms: Vec<String>,
+    pub local_jwks: Option<serde_json::Value>,
+    pub remote_jwks: Option<RemoteJwksConfig>,
+    #[serde(default = "d_clock_skew")]
+    pub clock_skew_s: u64,
+    #[serde(default = "d_true")]
+    pub require_exp: bool,
+    #[serde(default = "d_max_token_bytes")]
+    pub max_token_bytes: usize,
+    #[serde(default = "d_scope_claims")]
+    pub scope_claims: Vec<String>,
+    pub roles_claim: Option<String>,
+    pub tier_claim: Option<String>,
+    /// Claim name -> upstream header name.
+    #[serde(default)]
+    pub forward_claims: BTreeMap<String, String>,
+    #[serde(default = "d_true")]
+    pub keep_authorization: bool,
+}
+fn d_clock_skew() -> u64 {
+    60
+}
+fn d_true() -> bool {
+    true
+}
+fn d_max_token_bytes() -> usize {
+    8192
+}
+fn d_scope_claims() -> Vec<String> {
+    vec!["scope".into(), "scp".into()]
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteJwksConfig {
+    pub cluster: String,
+    pub authority: Option<String>,
+    pub path: String,
+    #[serde(default = "d_refresh_s")]
+    pub refresh_s: u64,
+    #[serde(default = "d_jwks_timeout_ms")]
+    pub timeout_ms: u64,
+}
+fn d_refresh_s() -> u64 {
+    600
+}
+fn d_jwks_timeout_ms() -> u64 {
+    2000
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    pub key: Vec<String>,
+    pub capacity: Option<u64>,
+    pub refill_tokens: Option<u64>,
+    pub refill_period_s: Option<u64>,
+    pub tiers: Option<BTreeMap<String, TierLimit>>,
+    #[serde(default)]
+    pub shadow: bool,
+}
+
+/// Limits of one tier: a bucket, or `"unlimited"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TierLimit {
+    Unlimited,
+    Bucket(BucketConfig),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BucketConfig {
+    pub capacity: u64,
+    pub refill_tokens: u64,
+    pub refill_period_s: u64,
+}
+
+impl<'de> Deserialize<'de> for TierLimit {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        match v {
+            serde_json::Value::String(s) if s == "unlimited" => Ok(TierLimit::Unlimited),
+            serde_json::Value::Object(_) => serde_json::from_value::<BucketConfig>(v)
+                .map(TierLimit::Bucket)
+                .map_err(de::Error::custom),
+            _ => Err(de::Error::custom(
+                "expected \"unlimited\" or {\"capacity\", \"refill_tokens\", \"refill_period_s\"}",
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitTableConfig {
+    /// Slots per limit in shared data (each holds one bucket).
+    pub slots: Option<u32>,
+    /// What to do when every candidate slot for a new key is busy: `deny` or `allow`.
+    pub when_full: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsConfig {
+    #[serde(default)]
+    pub allow_origins: Vec<String>,
+    #[serde(default)]
+    pub allow_origin_patterns: Vec<String>,
+    #[serde(default = "d_cors_methods")]
+    pub allow_methods: Vec<String>,
+    #[serde(default)]
+    pub allow_headers: Vec<String>,
+    #[serde(default)]
+    pub expose_headers: Vec<String>,
+    #[serde(default)]
+    pub allow_credentials: bool,
+    pub max_age_s: Option<u64>,
+}
+fn d_cors_methods() -> Vec<String> {
+    ["GET", "HEAD", "POST"].iter().map(|s| s.to_string()).collect()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    pub scheme: String,
+    pub secrets: Vec<Secret>,
+    #[serde(default = "d_tolerance")]
+    pub tolerance_s: u64,
+    #[serde(default = "d_max_body")]
+    pub max_body_bytes: usize,
+}
+fn d_tolerance() -> u64 {
+    300
+}
+fn d_max_body() -> usize {
+    1_048_576
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaConfig {
+    pub cluster: String,
+    pub authority: Option<String>,
+    #[serde(default = "d_quota_timeout")]
+    pub timeout_ms: u64,
+    #[serde(default = "d_failure_mode")]
+    pub failure_mode: String,
+}
+fn d_quota_timeout() -> u64 {
+    100
+}
+fn d_failure_mode() -> String {
+    "allow".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub name: String,
+    #[serde(rename = "match")]
+    pub matcher: MatchConfig,
+    #[serde(default)]
+    pub auth: Option<AuthConfig>,
+    #[serde(default)]
+    pub rate_limits: Vec<String>,
+    pub cost: Option<u64>,
+    #[serde(default)]
+    pub quota: bool,
+    pub webhook: Option<String>,
+}
+
+/// What a matched route (or the default route) applies.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    #[serde(default)]
+    pub auth: Option<AuthConfig>,
+    #[serde(default)]
+    pub rate_limits: Vec<String>,
+    pub cost: Option<u64>,
+    #[serde(default)]
+    pub quota: bool,
+    pub webhook: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchConfig {
+    pub methods: Option<Vec<String>>,
+    pub path: Option<String>,
+    pub prefix: Option<String>,
+    pub template: Option<String>,
+    pub route_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    pub mode: String,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub scopes_all: Vec<String>,
+    #[serde(default)]
+    pub scopes_any: Vec<String>,
+    #[serde(default)]
+    pub roles_any: Vec<String>,
+}

@@ -1,0 +1,12 @@
+//! api-guard: API security and rate limiting inside Envoy.
+//!
+//! The logic lives in plain modules that take time and storage as arguments, so it runs
+//! natively in unit tests and in the `api-guard` CLI; `filter` is the thin proxy-wasm glue.
+
+pub mod client_ip;
+pub mod config;
+pub mod routes;
+pub mod store;
+
+#[cfg(target_arch = "wasm32")]
+mod filter;
