@@ -312,3 +312,15 @@ fn shipped_envoy_configs_validate_and_match_their_json() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn istio_wasmplugin_carries_the_demo_config() {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let yaml = std::fs::read_to_string(repo.join("envoy/istio-wasmplugin.yaml")).unwrap();
+    assert!(yaml.contains("kind: WasmPlugin"));
+    let start = yaml.find("pluginConfig:").unwrap() + "pluginConfig:".len();
+    let plugin: serde_json::Value = serde_json::from_str(yaml[start..].trim()).unwrap();
+    let file: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(repo.join("envoy/demo-filter.json")).unwrap()).unwrap();
+    assert_eq!(plugin, file, "envoy/istio-wasmplugin.yaml and envoy/demo-filter.json differ");
+}
