@@ -26,6 +26,22 @@ impl SharedStore for ProxyStore {
     }
 }
 
+/// Header values as text. proxy-wasm's String accessors `unwrap()` UTF-8 decoding, so a
+/// single byte 0xFF from a client would abort the VM; read bytes and replace invalid
+/// sequences instead (a credential with such bytes is invalid either way). Names are tokens
+/// validated by Envoy's codecs.
+pub fn utf8_headers(raw: Vec<(String, Vec<u8>)>) -> Vec<(String, String)> {
+    raw.into_iter()
+        .map(|(k, v)| {
+            let v = match String::from_utf8(v) {
+                Ok(s) => s,
+                Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+            };
+            (k, v)
+        })
+        .collect()
+}
+
 /// Unix milliseconds from the host clock (wasm has no clock of its own in Envoy's sense).
 pub fn now_ms() -> u64 {
     hostcalls::get_current_time()

@@ -1,6 +1,6 @@
 //! HTTP context: sequences one request through the pipeline and carries out verdicts.
 
-use super::host::{now_ms, Metrics, ProxyStore};
+use super::host::{self, now_ms, Metrics, ProxyStore};
 use crate::config::Config;
 use crate::headers::{self, DenyLog, HeaderOp};
 use crate::pipeline::{self, Env, Exchange, Request, Verdict};
@@ -88,8 +88,9 @@ impl Context for Http {}
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         // One host call for the whole map: cheaper than several single-header reads, and the
-        // only way to see repeated headers.
-        let headers = self.get_http_request_headers();
+        // only way to see repeated headers. The `_bytes` variant: the String one panics (VM
+        // abort) on a header value that is not UTF-8.
+        let headers = host::utf8_headers(self.get_http_request_headers_bytes());
         let source = self.property(&["source", "address"]);
         let route_name = if self.config.needs_route_name {
             self.property(&["xds", "route_name"])
@@ -127,7 +128,7 @@ impl HttpContext for Http {
         if self.ex.replied {
             return Action::Continue;
         }
-        let existing = self.get_http_response_headers();
+        let existing = host::utf8_headers(self.get_http_response_headers_bytes());
         for op in headers::response_ops(
             &self.config,
             &existing,
