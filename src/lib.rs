@@ -8,6 +8,7 @@ pub mod config;
 pub mod identity;
 pub mod routes;
 pub mod store;
+pub mod webhook;
 
 #[cfg(target_arch = "wasm32")]
 mod filter;
