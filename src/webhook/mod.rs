@@ -16,6 +16,7 @@
 mod github;
 pub mod replay;
 mod slack;
+pub mod stage;
 mod standard;
 mod stripe;
 
@@ -450,6 +451,7 @@ impl Webhook {
             .replay_id
             .map(|(tag, id)| replay::fingerprint(tag, id.as_bytes()));
         Ok(Verifier {
+            name: Arc::clone(&self.name),
             replay: self.replay.clone(),
             tolerance_s: self.tolerance_s,
             max_body_bytes: self.max_body_bytes,
@@ -486,6 +488,7 @@ pub struct Verified {
 /// An in-progress verification: feed the body with [`Verifier::update`], then call
 /// [`Verifier::finish`]. Owns everything it needs, so the HTTP context can keep it.
 pub struct Verifier {
+    name: Arc<str>,
     replay: ReplayTable,
     tolerance_s: u64,
     max_body_bytes: usize,
@@ -501,7 +504,7 @@ pub struct Verifier {
 impl fmt::Debug for Verifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Verifier")
-            .field("replay", &self.replay)
+            .field("name", &self.name)
             .field("timestamp", &self.timestamp)
             .field("macs", &self.macs.len())
             .field("ed_states", &self.ed_states.len())
@@ -511,6 +514,11 @@ impl fmt::Debug for Verifier {
 }
 
 impl Verifier {
+    /// The `webhooks` entry this verifies for.
+    pub fn webhook_name(&self) -> &str {
+        &self.name
+    }
+
     /// Bytes of body seen so far.
     pub fn body_len(&self) -> usize {
         self.body_len

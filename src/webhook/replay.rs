@@ -73,7 +73,7 @@ impl ReplayTable {
     pub fn new(webhook: &str, capacity: u32) -> Self {
         let slots = capacity.div_ceil(ENTRIES_PER_SLOT as u32).max(1);
         Self {
-            prefix: Arc::from(format!("api-guard/webhook-replay/{webhook}/")),
+            prefix: Arc::from(format!("ag:webhook:replay:{webhook}:")),
             slots,
         }
     }
@@ -233,7 +233,7 @@ mod tests {
                 "{i}"
             );
         }
-        let (v, _) = store.get("api-guard/webhook-replay/hook/0").unwrap();
+        let (v, _) = store.get("ag:webhook:replay:hook:0").unwrap();
         assert_eq!(v.len(), 8 * ENTRY_BYTES);
     }
 
@@ -248,7 +248,7 @@ mod tests {
             t.check_and_record(&store, &fp(50), 100, 11),
             Ok(Recorded { evicted: false })
         );
-        let (v, _) = store.get("api-guard/webhook-replay/hook/0").unwrap();
+        let (v, _) = store.get("ag:webhook:replay:hook:0").unwrap();
         assert_eq!(v.len(), ENTRY_BYTES);
     }
 
@@ -257,11 +257,11 @@ mod tests {
         let store = MemoryStore::new();
         let t = ReplayTable::new("hook", 8);
         store
-            .set("api-guard/webhook-replay/hook/0", &[0xff; 7], None)
+            .set("ag:webhook:replay:hook:0", &[0xff; 7], None)
             .unwrap();
         assert!(t.check_and_record(&store, &fp(1), 10, 0).is_ok());
         store
-            .set("api-guard/webhook-replay/hook/0", &vec![0xff; 10_000], None)
+            .set("ag:webhook:replay:hook:0", &vec![0xff; 10_000], None)
             .unwrap();
         assert!(t.check_and_record(&store, &fp(1), 10, 0).is_ok());
     }
@@ -336,7 +336,7 @@ mod tests {
             inner: MemoryStore::new(),
             races: Cell::new(usize::MAX),
             rival: Box::new(|s| {
-                let k = "api-guard/webhook-replay/hook/0";
+                let k = "ag:webhook:replay:hook:0";
                 let v = s.get(k).map(|x| x.0).unwrap_or_default();
                 s.set(k, &v, None).unwrap();
             }),
