@@ -92,7 +92,10 @@ fn standard_v1(id: &str, t: u64, body: &[u8]) -> String {
     let ts = t.to_string();
     format!(
         "v1,{}",
-        b64(&mac(&key, &[id.as_bytes(), b".", ts.as_bytes(), b".", body]))
+        b64(&mac(
+            &key,
+            &[id.as_bytes(), b".", ts.as_bytes(), b".", body]
+        ))
     )
 }
 
@@ -165,7 +168,13 @@ fn each_scheme_accepts_a_valid_delivery_and_the_upstream_gets_the_exact_body() {
         .send();
     assert_forwarded(&envoy, &r, &body, "stripe");
 
-    let r = standard_req(&envoy, "msg_ok_v1", t, &standard_v1("msg_ok_v1", t, &body), &body);
+    let r = standard_req(
+        &envoy,
+        "msg_ok_v1",
+        t,
+        &standard_v1("msg_ok_v1", t, &body),
+        &body,
+    );
     assert_forwarded(&envoy, &r, &body, "standard v1");
 
     let r = standard_req(
@@ -319,7 +328,10 @@ fn forged_tampered_and_malformed_deliveries_get_401_and_never_reach_the_upstream
         envoy.received().is_empty(),
         "nothing may reach the upstream before the check passes"
     );
-    assert_eq!(envoy.stat("wasmcustom.api_guard.denied.invalid_signature"), n);
+    assert_eq!(
+        envoy.stat("wasmcustom.api_guard.denied.invalid_signature"),
+        n
+    );
     let logs = envoy.logs();
     assert!(
         logs.contains("\"policy\":\"stripe\"") && logs.contains("\"route\":\"slack-hook\""),
@@ -347,7 +359,10 @@ fn rotated_secrets_pass_and_timestamps_outside_tolerance_fail_both_ways() {
     {
         let r = envoy
             .req("POST", "/webhooks/stripe")
-            .header("stripe-signature", &stripe_header(secrets, t + i as u64, &body))
+            .header(
+                "stripe-signature",
+                &stripe_header(secrets, t + i as u64, &body),
+            )
             .body(body.clone())
             .send();
         assert_eq!(r.status, 200, "{secrets:?}: {}", r.text());
@@ -540,7 +555,12 @@ fn chunked_and_streamed_bodies_are_verified_and_forwarded_exactly() {
     let head = format!(
         "POST /webhooks/standard HTTP/1.1\r\nhost: x\r\nconnection: close\r\nwebhook-id: msg_chunked\r\nwebhook-timestamp: {t}\r\nwebhook-signature: {sig}\r\ntransfer-encoding: chunked\r\n\r\n"
     );
-    let (status, text) = send_in_pieces(envoy.port, &head, &pieces(&body, &[1, 7000, 33333, 4096]), true);
+    let (status, text) = send_in_pieces(
+        envoy.port,
+        &head,
+        &pieces(&body, &[1, 7000, 33333, 4096]),
+        true,
+    );
     assert_eq!(status, 200, "{text}");
     let got = envoy.received();
     assert_eq!(got.len(), 1);
@@ -625,5 +645,8 @@ fn bodies_over_max_body_bytes_get_413_also_when_chunked() {
     assert!(text.contains("payload_too_large"), "{text}");
 
     assert_eq!(envoy.received().len(), 1, "only the delivery at the limit");
-    assert_eq!(envoy.stat("wasmcustom.api_guard.denied.payload_too_large"), 5);
+    assert_eq!(
+        envoy.stat("wasmcustom.api_guard.denied.payload_too_large"),
+        5
+    );
 }

@@ -107,3 +107,146 @@ pub fn on_body(ex: &mut Exchange, chunk: &[u8], end_of_stream: bool, env: &Env) 
         Err(e) => BodyStep::Reply(reply(&name, e)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::{self, BodyVerdict, Verdict};
+    use crate::store::MemoryStore;
+    use hmac::{Hmac, Mac};
+    use sha2::Sha256;
+
+    const CFG: &str = r#"{
+        "webhooks": {"gh": {"scheme": "github", "secrets": ["s3cret"], "max_body_bytes": 10}},
+        "routes": [{"name": "hook", "match": {"path": "/hook"}, "webhook": "gh"}],
+        "default_route": {}
+    }"#;
+
+    fn sig(body: &[u8]) -> String {
+        let mut m = Hmac::<Sha256>::new_from_slice(b"s3cret").unwrap();
+        m.update(body);
+        format!("sha256={}", hex::encode(m.finalize().into_bytes()))
+    }
+
+    struct Run {
+        cfg: Config,
+        store: MemoryStore,
+        headers: Vec<(String, String)>,
+        path: &'static str,
+    }
+
+    impl Run {
+        fn new(path: &'static str, headers: &[(&str, &str)]) -> Self {
+            Self {
+                cfg: crate::config::parse(CFG.as_bytes(), &|_| None).unwrap().0,
+                store: MemoryStore::new(),
+                headers: headers
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                path,
+            }
+        }
+
+        /// Headers, then the body chunks; returns the final verdict.
+        fn go(&self, chunks: &[&[u8]]) -> Verdict {
+            let env = Env {
+                now_ms: 1_700_000_000_000,
+                store: &self.store,
+            };
+            let req = Request {
+                method: "POST",
+                path: self.path,
+                headers: &self.headers,
+                source_address: Some("10.0.0.1:1"),
+                route_name: None,
+            };
+            let mut ex = Exchange::default();
+            let mut v = pipeline::on_request_headers(&self.cfg, &req, &mut ex, &env);
+            for (i, c) in chunks.iter().enumerate() {
+                if !matches!(v, Verdict::Wait(Wait::Body)) {
+                    return v;
+                }
+                assert!(pipeline::waits_for_body(&ex));
+                v = match pipeline::on_request_body(&mut ex, c, i + 1 == chunks.len(), &env) {
+                    BodyVerdict::More => Verdict::Wait(Wait::Body),
+                    BodyVerdict::Reply(r) => Verdict::Reply(r),
+                    BodyVerdict::Continue => pipeline::run(&self.cfg, &req, &mut ex, &env),
+                };
+            }
+            v
+        }
+    }
+
+    #[test]
+    fn a_webhook_route_waits_for_the_body_then_forwards() {
+        let s = sig(b"hello world");
+        let run = Run::new("/hook", &[("x-hub-signature-256", &s)]);
+        let env = Env {
+            now_ms: 0,
+            store: &run.store,
+        };
+        let req = Request {
+            method: "POST",
+            path: "/hook",
+            headers: &run.headers,
+            source_address: None,
+            route_name: None,
+        };
+        let mut ex = Exchange::default();
+        assert!(matches!(
+            pipeline::on_request_headers(&run.cfg, &req, &mut ex, &env),
+            Verdict::Wait(Wait::Body)
+        ));
+        // Nothing is forwarded while the body streams.
+        assert!(matches!(
+            pipeline::on_request_body(&mut ex, b"hello", false, &env),
+            BodyVerdict::More
+        ));
+        // 11 bytes > max_body_bytes 10.
+        match pipeline::on_request_body(&mut ex, b" world", true, &env) {
+            BodyVerdict::Reply(r) => {
+                assert_eq!((r.status, r.code), (413, ErrorCode::PayloadTooLarge));
+                assert_eq!(r.policy.as_deref(), Some("gh"));
+            }
+            v => panic!("{v:?}"),
+        }
+        assert_eq!(ex.stage, pipeline::Stage::Done);
+
+        let s = sig(b"hello");
+        let run = Run::new("/hook", &[("x-hub-signature-256", &s)]);
+        assert!(matches!(run.go(&[b"he", b"", b"llo"]), Verdict::Forward(_)));
+        // The same delivery again is a replay.
+        match run.go(&[b"hello"]) {
+            Verdict::Reply(r) => assert_eq!(r.code, ErrorCode::InvalidSignature),
+            v => panic!("{v:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_headers_reply_before_any_body_and_other_routes_pass() {
+        let run = Run::new("/hook", &[("x-hub-signature-256", "sha256=00")]);
+        match run.go(&[b"never read"]) {
+            Verdict::Reply(r) => {
+                assert_eq!((r.status, r.code), (401, ErrorCode::InvalidSignature));
+                assert!(r.message.contains("x-hub-signature-256"), "{}", r.message);
+            }
+            v => panic!("{v:?}"),
+        }
+        let run = Run::new("/hook", &[("content-length", "11")]);
+        assert!(matches!(run.go(&[]), Verdict::Reply(r) if r.code == ErrorCode::PayloadTooLarge));
+        let run = Run::new("/other", &[]);
+        assert!(matches!(run.go(&[]), Verdict::Forward(_)));
+    }
+
+    #[test]
+    fn a_wrong_body_is_refused_at_the_end_of_the_stream() {
+        let s = sig(b"hello");
+        let run = Run::new("/hook", &[("x-hub-signature-256", &s)]);
+        match run.go(&[b"hell", b"0"]) {
+            Verdict::Reply(r) => assert_eq!(r.code, ErrorCode::InvalidSignature),
+            v => panic!("{v:?}"),
+        }
+        assert!(run.store.is_empty(), "a forged delivery records nothing");
+    }
+}
