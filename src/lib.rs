@@ -11,6 +11,7 @@ pub mod pipeline;
 pub mod reply;
 pub mod routes;
 pub mod store;
+pub mod webhook;
 
 #[cfg(not(target_arch = "wasm32"))]
 pub mod echo;

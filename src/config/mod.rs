@@ -87,6 +87,8 @@ pub struct Config {
     pub needs_route_name: bool,
     /// Every header name the filter strips from client requests (identity + forwarded claims).
     pub stripped_request_headers: Vec<String>,
+    /// Compiled `webhooks` entries (keys decoded, replay tables sized).
+    pub webhooks: crate::webhook::Webhooks,
     pub raw: RawConfig,
 }
 
@@ -371,11 +373,8 @@ pub fn compile(raw: RawConfig, env: EnvLookup<'_>) -> Result<(Config, Vec<Warnin
         }
     }
 
-    for (name, w) in &raw.webhooks {
-        for (i, s) in w.secrets.iter().enumerate() {
-            resolve_secret(s, &format!("webhooks.{name}.secrets[{i}]"), env)?;
-        }
-    }
+    let (webhooks, webhook_warnings) = crate::webhook::compile(&raw.webhooks, env)?;
+    warnings.extend(webhook_warnings);
 
     let mut routes_out = Vec::with_capacity(raw.routes.len());
     let mut needs_route_name = false;
@@ -438,6 +437,7 @@ pub fn compile(raw: RawConfig, env: EnvLookup<'_>) -> Result<(Config, Vec<Warnin
             security_headers,
             needs_route_name,
             stripped_request_headers: stripped,
+            webhooks,
             raw,
         },
         warnings,

@@ -24,6 +24,8 @@ impl RootContext for Root {
                 for w in warnings {
                     log::warn!("api-guard: config warning at `{}`: {}", w.path, w.message);
                 }
+                // Pre-create the webhook replay slots: key creation is not atomic.
+                cfg.webhooks.prepare(&super::host::ProxyStore);
                 self.config = Some(Rc::new(cfg));
                 self.metrics = Some(Rc::new(Metrics::define()));
                 true
