@@ -6,6 +6,7 @@
 pub mod client_ip;
 pub mod config;
 pub mod identity;
+pub mod ratelimit;
 pub mod routes;
 pub mod store;
 
