@@ -116,6 +116,8 @@ pub struct Exchange {
     pub vary: Vec<&'static str>,
     /// Set once a local reply was sent, so the response callback does not redo it.
     pub replied: bool,
+    /// Rate-limit bookkeeping between the two limit stages, and events for stats.
+    pub ratelimit: crate::ratelimit::stage::LimitState,
 }
 
 impl Exchange {
@@ -186,10 +188,10 @@ pub fn run(cfg: &Config, req: &Request, ex: &mut Exchange, env: &Env) -> Verdict
     loop {
         let step = match ex.stage {
             Stage::Cors => Step::Next,
-            Stage::PreAuthLimits => Step::Next,
+            Stage::PreAuthLimits => crate::ratelimit::stage::pre_auth(cfg, req, ex, env),
             Stage::Credentials => Step::Next,
             Stage::Scopes => Step::Next,
-            Stage::ClientLimits => Step::Next,
+            Stage::ClientLimits => crate::ratelimit::stage::client(cfg, req, ex, env),
             Stage::Quota => Step::Next,
             Stage::Webhook => Step::Next,
             Stage::Forward | Stage::Done => {

@@ -13,7 +13,7 @@ pub const MAX_KEY_PARTS: usize = 8;
 /// Longest limit name (it appears in shared-data keys, stats names and headers).
 pub const MAX_NAME_LEN: usize = 64;
 /// Prefix of every shared-data key of the rate limiter.
-pub const KEY_PREFIX: &str = "api-guard.rl.";
+pub const KEY_PREFIX: &str = "ag:rl:";
 
 /// One part of a bucket key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -328,7 +328,7 @@ impl RateLimiter {
             let pre_auth =
                 matches!(rule, LimitRule::Fixed(_)) && key.iter().all(KeyPart::is_pre_auth);
             limits.push(Limit {
-                table: Table::new(&format!("{KEY_PREFIX}{name}."), slots),
+                table: Table::new(&format!("{KEY_PREFIX}{name}:"), slots),
                 name: name.clone(),
                 key,
                 rule,

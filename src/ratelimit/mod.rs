@@ -17,6 +17,7 @@
 pub mod bucket;
 pub mod config;
 pub mod headers;
+pub mod stage;
 pub mod table;
 
 pub use self::config::{KeyPart, Limit, LimitRule, RateLimiter, RoutePlan, TierRule};

@@ -2,7 +2,7 @@
 //!
 //! Envoy's shared data has no delete and no TTL, so one key per client would grow without
 //! bound under IP rotation. Each limit instead owns a fixed table of `pages` shared-data keys
-//! (`api-guard.rl.<limit>.<page>`), each value packing [`WAYS`] slots. A bucket key is hashed
+//! (`ag:rl:<limit>:<page>`), each value packing [`WAYS`] slots. A bucket key is hashed
 //! (by the caller) to 64 bits: the high bits pick its page, the whole hash is the fingerprint
 //! stored in the slot. The key may sit in any slot of its page (set-associative).
 //!
@@ -250,7 +250,7 @@ pub enum Step<T> {
 /// The slot table of one limit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Table {
-    /// Shared-data key prefix, e.g. `api-guard.rl.login-per-ip.`
+    /// Shared-data key prefix, e.g. `ag:rl:login-per-ip:`
     prefix: String,
     pages: u32,
 }
@@ -477,15 +477,12 @@ mod tests {
 
     #[test]
     fn page_keys_and_locations_are_stable_and_in_range() {
-        let t = Table::new("api-guard.rl.x.", 16_384);
+        let t = Table::new("ag:rl:x:", 16_384);
         assert_eq!(t.pages(), 2048);
         assert_eq!(t.slots(), 16_384);
         let mut buf = [0u8; MAX_PREFIX + 10];
-        assert_eq!(t.page_key(0, &mut buf), "api-guard.rl.x.0");
-        assert_eq!(
-            t.page_key(4_294_967_295, &mut buf),
-            "api-guard.rl.x.4294967295"
-        );
+        assert_eq!(t.page_key(0, &mut buf), "ag:rl:x:0");
+        assert_eq!(t.page_key(4_294_967_295, &mut buf), "ag:rl:x:4294967295");
         for h in [0, 1, u64::MAX, 1 << 63, 12345] {
             let k = t.locate(h);
             assert!(k.page < t.pages());

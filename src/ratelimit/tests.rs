@@ -443,7 +443,7 @@ fn shared_data_stays_at_the_cap_for_100k_distinct_ips() {
     }
     assert_eq!(store.len(), pages);
     let bytes: usize = (0..512)
-        .map(|p| store.get(&format!("api-guard.rl.l.{p}")).unwrap().0.len())
+        .map(|p| store.get(&format!("ag:rl:l:{p}")).unwrap().0.len())
         .sum();
     assert_eq!(bytes, 512 * table::PAGE_BYTES);
     assert_eq!(h.rl.limits[0].table.busy_slots(&store, T0 + 10_000), 4096);
