@@ -556,3 +556,62 @@ fn tiers_follow_the_api_keys_tier_including_unlimited_and_default() {
         Some("\"per-client\";q=4;w=600")
     );
 }
+
+/// Throughput with the limiter off vs on (`cargo test --test ratelimit -- --ignored bench
+/// --nocapture`; needs `wrk`). Not a pass/fail test of behaviour: a measurement helper
+/// for `make bench`, loopback only, 5 s per round.
+#[test]
+#[ignore = "benchmark: run explicitly"]
+fn bench_rate_limit_throughput_on_vs_off() {
+    let direct = || {
+        vec![json!({
+            "name": "direct",
+            "match": {"prefix": "/"},
+            "direct_response": {"status": 200, "body": {"inline_string": "ok"}}
+        })]
+    };
+    let configs = [
+        ("off", r#"{"default_route": {}}"#),
+        (
+            "on: 1 limit (ip)",
+            r#"{"rate_limits": {"ip": {"key": ["ip"], "capacity": 1000000000, "refill_tokens": 1000000000, "refill_period_s": 1}},
+               "default_route": {"rate_limits": ["ip"]}}"#,
+        ),
+        (
+            "on: 2 limits (ip + route)",
+            r#"{"rate_limits": {"ip": {"key": ["ip"], "capacity": 1000000000, "refill_tokens": 1000000000, "refill_period_s": 1},
+                               "rt": {"key": ["route"], "capacity": 1000000000, "refill_tokens": 1000000000, "refill_period_s": 1}},
+               "default_route": {"rate_limits": ["ip", "rt"]}}"#,
+        ),
+        (
+            "on: every request 429",
+            r#"{"rate_limits": {"ip": {"key": ["ip"], "capacity": 1, "refill_tokens": 1, "refill_period_s": 3600}},
+               "default_route": {"rate_limits": ["ip"]}}"#,
+        ),
+    ];
+    let mut rows = Vec::new();
+    for round in 0..2 {
+        for (name, cfg) in configs {
+            let envoy = Envoy::builder(cfg).concurrency(1).routes(direct()).start();
+            let url = format!("http://127.0.0.1:{}/x", envoy.port);
+            let out = std::process::Command::new("wrk")
+                .args(["-t1", "-c16", "-d5s", &url])
+                .output()
+                .expect("wrk installed (scripts/tools.sh wrk)");
+            let text = String::from_utf8_lossy(&out.stdout);
+            let rps: f64 = text
+                .lines()
+                .find_map(|l| l.strip_prefix("Requests/sec:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0.0);
+            assert!(rps > 0.0, "{text}");
+            rows.push((round, name, rps));
+        }
+    }
+    for (round, name, rps) in rows {
+        eprintln!(
+            "round {round}: {name:28} {rps:>10.0} req/s  ({:.2} us/req)",
+            1e6 / rps
+        );
+    }
+}
