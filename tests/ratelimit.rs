@@ -315,6 +315,49 @@ fn eighty_concurrent_requests_against_capacity_20_admit_exactly_20() {
     assert_eq!(envoy.received().len(), 20);
     assert_eq!(envoy.stat("wasmcustom.api_guard.ratelimit.l.allowed"), 20);
     assert_eq!(envoy.stat("wasmcustom.api_guard.ratelimit.l.denied"), 60);
+    // Both workers served connections, so the buckets really were shared across VMs.
+    let stats = envoy.stats();
+    let per_worker: Vec<u64> = stats
+        .lines()
+        .filter(|l| l.starts_with("listener.127.0.0.1_") && l.contains(".worker_"))
+        .filter(|l| l.contains(".downstream_cx_total: "))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse().ok()))
+        .collect();
+    eprintln!("connections per worker: {per_worker:?}");
+    assert_eq!(per_worker.len(), 2, "{stats}");
+    assert!(per_worker.iter().all(|&n| n > 0), "{per_worker:?}");
+}
+
+#[test]
+fn thousands_of_concurrent_requests_never_overshoot_the_capacity() {
+    // Many keep-alive connections on both workers hammer one bucket: every lost update
+    // (a write without compare-and-swap) would admit one request too many.
+    let cfg = r#"{
+      "rate_limits": { "l": { "key": ["route"], "capacity": 3000, "refill_tokens": 1, "refill_period_s": 3600 } },
+      "default_route": { "rate_limits": ["l"] }
+    }"#;
+    let envoy = Envoy::builder(cfg)
+        .routes(vec![json!({
+            "name": "direct",
+            "match": {"prefix": "/"},
+            "direct_response": {"status": 200, "body": {"inline_string": "ok"}}
+        })])
+        .start();
+    let port = envoy.port;
+    let barrier = Arc::new(Barrier::new(16));
+    let handles: Vec<_> = (0..16)
+        .map(|_| {
+            let b = Arc::clone(&barrier);
+            std::thread::spawn(move || {
+                let mut c = KeepAlive::connect(port);
+                b.wait();
+                (0..400).filter(|_| c.get("/x", "1.2.3.4") == 200).count()
+            })
+        })
+        .collect();
+    let ok: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
+    assert_eq!(ok, 3000);
+    assert_eq!(envoy.stat("wasmcustom.api_guard.ratelimit.l.denied"), 3400);
 }
 
 #[test]
