@@ -135,3 +135,75 @@ fn run(cfg: &Config, req: &Request, ex: &mut Exchange, env: &Env, pre: bool) -> 
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{self, Config};
+    use crate::pipeline::{on_request_headers, Env, Exchange, Request, Verdict};
+    use crate::reply::ErrorCode;
+    use crate::store::MemoryStore;
+
+    fn cfg(json: &str) -> Config {
+        config::parse(json.as_bytes(), &|_| None).unwrap().0
+    }
+
+    fn go(c: &Config, store: &MemoryStore, now_ms: u64) -> (Verdict, Exchange) {
+        let headers = vec![(":method".to_string(), "GET".to_string())];
+        let req = Request {
+            method: "GET",
+            path: "/x",
+            headers: &headers,
+            source_address: Some("192.0.2.1:5000"),
+            route_name: None,
+        };
+        let env = Env { now_ms, store };
+        let mut ex = Exchange::default();
+        let v = on_request_headers(c, &req, &mut ex, &env);
+        (v, ex)
+    }
+
+    fn header<'a>(ex: &'a Exchange, name: &str) -> Option<&'a str> {
+        ex.response_headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn the_pipeline_counts_down_then_replies_429_with_retry_after() {
+        let c = cfg(
+            r#"{"rate_limits":{"a":{"key":["ip"],"capacity":2,"refill_tokens":1,"refill_period_s":30},
+                               "b":{"key":["client"],"capacity":9,"refill_tokens":9,"refill_period_s":9}},
+                "default_route":{"rate_limits":["a","b"]}}"#,
+        );
+        let store = MemoryStore::new();
+        c.rate_limiter.prepare(&store).unwrap();
+        let now = 1_700_000_000_000;
+        let (v, mut ex) = go(&c, &store, now);
+        assert!(matches!(v, Verdict::Forward(_)));
+        assert_eq!(header(&ex, "ratelimit"), Some("\"a\";r=1;t=30"));
+        assert_eq!(header(&ex, "x-ratelimit-reset"), Some("1700000030"));
+        assert_eq!(
+            ex.response_headers.len(),
+            5,
+            "headers replaced between stages, not duplicated"
+        );
+        let events: Vec<_> = ex.ratelimit.drain_events().collect();
+        assert_eq!(events.len(), 2, "{events:?}");
+        go(&c, &store, now);
+        let (v, ex) = go(&c, &store, now + 1000);
+        let Verdict::Reply(r) = v else {
+            panic!("expected 429, got {v:?}")
+        };
+        assert_eq!(r.code, ErrorCode::RateLimitExceeded);
+        assert_eq!(r.policy.as_deref(), Some("a"));
+        assert_eq!(r.key.as_deref(), Some("ip=192.0.2.1"));
+        assert_eq!(
+            r.headers,
+            vec![("retry-after".to_string(), "29".to_string())]
+        );
+        let body: serde_json::Value = serde_json::from_slice(&r.body()).unwrap();
+        assert_eq!(body["retry_after"], 29);
+        assert_eq!(header(&ex, "ratelimit"), Some("\"a\";r=0;t=59"));
+    }
+}
