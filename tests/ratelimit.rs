@@ -42,7 +42,7 @@ fn counts_and_headers_down_to_429() {
         );
         // 12 s of refill per token used; less whatever time the requests took (a loaded
         // machine may take seconds), never more.
-        let t = 12 * (5 - want);
+        let t: u64 = 12 * (5 - want);
         let shown = r.header("ratelimit").unwrap();
         let (head, secs) = shown.rsplit_once(";t=").unwrap();
         assert_eq!(head, format!("\"login-per-ip\";r={want}"));
