@@ -123,6 +123,8 @@ pub struct Exchange {
     pub replied: bool,
     /// The webhook signature check (SPEC section 4).
     pub webhook: WebhookState,
+    /// Rate-limit bookkeeping between the two limit stages, and events for stats.
+    pub ratelimit: crate::ratelimit::stage::LimitState,
 }
 
 impl Exchange {
@@ -193,10 +195,10 @@ pub fn run(cfg: &Config, req: &Request, ex: &mut Exchange, env: &Env) -> Verdict
     loop {
         let step = match ex.stage {
             Stage::Cors => Step::Next,
-            Stage::PreAuthLimits => Step::Next,
+            Stage::PreAuthLimits => crate::ratelimit::stage::pre_auth(cfg, req, ex, env),
             Stage::Credentials => Step::Next,
             Stage::Scopes => Step::Next,
-            Stage::ClientLimits => Step::Next,
+            Stage::ClientLimits => crate::ratelimit::stage::client(cfg, req, ex, env),
             Stage::Quota => Step::Next,
             Stage::Webhook => webhook_stage::run(cfg, req, ex, env),
             Stage::Forward | Stage::Done => {

@@ -138,6 +138,33 @@ impl Http {
         }
     }
 
+    /// Counts rate-limit events and logs shadow denials (`shadow: true` limits that would
+    /// have answered 429).
+    fn rate_limit_events(&mut self) {
+        for (limit, e) in self.ex.ratelimit.drain_events() {
+            self.metrics.limit_event(limit, e);
+        }
+        for (limit, key) in std::mem::take(&mut self.ex.ratelimit.shadow_denials) {
+            let name = self
+                .config
+                .rate_limiter
+                .limits
+                .get(limit)
+                .map_or("", |l| l.name.as_str());
+            log::info!(
+                "{}",
+                headers::ShadowDenyLog {
+                    limit: name,
+                    key: &key,
+                    route: self.ex.route_name(&self.config),
+                    ip: self.ex.client_ip.as_deref(),
+                    request_id: self.ex.request_id.as_deref(),
+                }
+                .line()
+            );
+        }
+    }
+
     fn send_reply(&mut self, reply: &LocalReply, method: &str, path: &str) {
         let cfg = &self.config;
         self.metrics.denied(reply.code);
@@ -205,6 +232,7 @@ impl HttpContext for Http {
         };
         let config = Rc::clone(&self.config);
         let verdict = pipeline::on_request_headers(&config, &req, &mut self.ex, &env);
+        self.rate_limit_events();
         self.act(verdict, &method, &path, false)
     }
 
