@@ -364,7 +364,7 @@ impl KeySet {
             (Some(want), Some(have)) => want == have,
             _ => true,
         };
-        if !self.keys.iter().any(|k| kid_ok(k)) {
+        if !self.keys.iter().any(kid_ok) {
             return Err(SelectError::UnknownKid);
         }
         if !self.keys.iter().any(|k| kid_ok(k) && k.algs.contains(alg)) {

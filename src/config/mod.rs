@@ -87,6 +87,8 @@ pub struct Config {
     pub needs_route_name: bool,
     /// Every header name the filter strips from client requests (identity + forwarded claims).
     pub stripped_request_headers: Vec<String>,
+    /// Compiled `jwt_providers` and `api_keys` (validated here so bad keys fail the config).
+    pub auth: crate::auth::Authenticator,
     pub raw: RawConfig,
 }
 
@@ -370,6 +372,8 @@ pub fn compile(raw: RawConfig, env: EnvLookup<'_>) -> Result<(Config, Vec<Warnin
         }
     }
 
+    let auth = crate::auth::Authenticator::compile(&raw, env)?;
+
     let mut routes_out = Vec::with_capacity(raw.routes.len());
     let mut needs_route_name = false;
     for (i, r) in raw.routes.iter().enumerate() {
@@ -422,6 +426,7 @@ pub fn compile(raw: RawConfig, env: EnvLookup<'_>) -> Result<(Config, Vec<Warnin
             security_headers,
             needs_route_name,
             stripped_request_headers: stripped,
+            auth,
             raw,
         },
         warnings,
