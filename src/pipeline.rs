@@ -76,7 +76,13 @@ pub enum Stage {
 
 /// Something the glue must do before the pipeline can go on.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Wait {}
+pub enum Wait {
+    /// Fetch the remote JWKS of `jwt_providers[provider]` (index in `cfg.auth.providers`),
+    /// store it with `auth::remote_jwks::store_result`, set `Exchange::jwks_fetched`, re-run.
+    /// `waiter`: the request fetches because no set was loaded yet (counted per worker, see
+    /// `Authenticator::waiter_fetch_done`), not for an unknown `kid`.
+    Jwks { provider: usize, waiter: bool },
+}
 
 /// The result of one stage.
 pub enum Step {
@@ -116,6 +122,8 @@ pub struct Exchange {
     pub vary: Vec<&'static str>,
     /// Set once a local reply was sent, so the response callback does not redo it.
     pub replied: bool,
+    /// The request already waited for a JWKS fetch (it waits at most once).
+    pub jwks_fetched: bool,
 }
 
 impl Exchange {
@@ -187,8 +195,8 @@ pub fn run(cfg: &Config, req: &Request, ex: &mut Exchange, env: &Env) -> Verdict
         let step = match ex.stage {
             Stage::Cors => Step::Next,
             Stage::PreAuthLimits => Step::Next,
-            Stage::Credentials => Step::Next,
-            Stage::Scopes => Step::Next,
+            Stage::Credentials => crate::auth::stage::credentials(cfg, req, ex, env),
+            Stage::Scopes => crate::auth::stage::scopes(cfg, req, ex, env),
             Stage::ClientLimits => Step::Next,
             Stage::Quota => Step::Next,
             Stage::Webhook => Step::Next,

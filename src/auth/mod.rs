@@ -12,6 +12,8 @@ pub mod jwks;
 pub mod jwt;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod mint;
+pub mod remote_jwks;
+pub mod stage;
 pub mod token_cache;
 
 use crate::config::{AuthConfig, ConfigError, RawConfig, RemoteJwksConfig};
@@ -32,6 +34,8 @@ pub struct Provider {
     pub local: Option<KeySet>,
     /// `remote_jwks`: fetched by the glue, handed in through [`RemoteKeys`].
     pub remote: Option<RemoteJwksConfig>,
+    /// Shared-data key prefix of the fetched set (see `remote_jwks`).
+    pub remote_prefix: Option<String>,
     pub scope_claims: Vec<String>,
     pub roles_claim: Option<String>,
     pub tier_claim: Option<String>,
@@ -162,6 +166,8 @@ pub struct Authenticator {
     pub cache: TokenCache,
     /// Claim names some rate-limit key uses (`claim:<name>`): copied into the identity.
     pub limit_claims: Vec<String>,
+    /// This worker's parsed copies of the remote key sets.
+    pub remote: remote_jwks::RemoteCache,
 }
 
 enum Mode {
@@ -332,6 +338,9 @@ impl Authenticator {
                 },
                 local,
                 remote: p.remote_jwks.clone(),
+                remote_prefix: p.remote_jwks.as_ref().map(|r| {
+                    remote_jwks::prefix(name, &r.cluster, r.authority.as_deref(), &r.path)
+                }),
                 scope_claims: p.scope_claims.clone(),
                 roles_claim: p.roles_claim.clone(),
                 tier_claim: p.tier_claim.clone(),
@@ -362,6 +371,7 @@ impl Authenticator {
             api_keys,
             cache: TokenCache::default(),
             limit_claims,
+            remote: remote_jwks::RemoteCache::default(),
         })
     }
 
