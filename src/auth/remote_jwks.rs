@@ -290,7 +290,14 @@ impl Authenticator {
             super::AuthError::InvalidToken {
                 error: super::JwtError::UnknownKid,
                 ..
-            } => try_lease(store, prefix, r.refresh_s, r.timeout_ms, now_ms, Reason::UnknownKid),
+            } => try_lease(
+                store,
+                prefix,
+                r.refresh_s,
+                r.timeout_ms,
+                now_ms,
+                Reason::UnknownKid,
+            ),
             _ => {
                 let n = self.remote.waiter_fetches.get();
                 if n >= MAX_WAITER_FETCHES {
@@ -329,7 +336,10 @@ impl Authenticator {
         now_ms: u64,
     ) -> Result<usize, String> {
         let p = self.providers.get(provider).ok_or("no such provider")?;
-        let prefix = p.remote_prefix.as_deref().ok_or("provider has no remote_jwks")?;
+        let prefix = p
+            .remote_prefix
+            .as_deref()
+            .ok_or("provider has no remote_jwks")?;
         store_result(store, prefix, p.rules.algorithms, body, now_ms)
     }
 
@@ -340,8 +350,15 @@ impl Authenticator {
             .enumerate()
             .filter_map(|(i, p)| {
                 let (prefix, r) = (p.remote_prefix.as_deref()?, p.remote.as_ref()?);
-                try_lease(store, prefix, r.refresh_s, r.timeout_ms, now_ms, Reason::Refresh)
-                    .then_some(i)
+                try_lease(
+                    store,
+                    prefix,
+                    r.refresh_s,
+                    r.timeout_ms,
+                    now_ms,
+                    Reason::Refresh,
+                )
+                .then_some(i)
             })
             .collect()
     }
@@ -392,14 +409,44 @@ mod tests {
         // The fetch fails: nothing stored, retried after RETRY_MS, not before.
         assert!(store_result(&s, &prefix, a.providers[0].rules.algorithms, None, t + 10).is_err());
         assert!(!try_lease(&s, &prefix, 60, 500, t + 100, Reason::Refresh));
-        assert!(try_lease(&s, &prefix, 60, 500, t + 10 + RETRY_MS, Reason::Refresh));
+        assert!(try_lease(
+            &s,
+            &prefix,
+            60,
+            500,
+            t + 10 + RETRY_MS,
+            Reason::Refresh
+        ));
         let key = SigningKey::generate("ES256", "k1").unwrap();
         let body = json!({"keys": [key.jwk()]}).to_string();
         let t2 = t + 10 + RETRY_MS + 5;
-        assert_eq!(store_result(&s, &prefix, a.providers[0].rules.algorithms, Some(body.as_bytes()), t2), Ok(1));
+        assert_eq!(
+            store_result(
+                &s,
+                &prefix,
+                a.providers[0].rules.algorithms,
+                Some(body.as_bytes()),
+                t2
+            ),
+            Ok(1)
+        );
         // Fresh: no refresh until refresh_s has passed.
-        assert!(!try_lease(&s, &prefix, 60, 500, t2 + 59_000, Reason::Refresh));
-        assert!(try_lease(&s, &prefix, 60, 500, t2 + 60_000, Reason::Refresh));
+        assert!(!try_lease(
+            &s,
+            &prefix,
+            60,
+            500,
+            t2 + 59_000,
+            Reason::Refresh
+        ));
+        assert!(try_lease(
+            &s,
+            &prefix,
+            60,
+            500,
+            t2 + 60_000,
+            Reason::Refresh
+        ));
     }
 
     #[test]
@@ -412,18 +459,35 @@ mod tests {
         let key = SigningKey::generate("ES256", "k1").unwrap();
         let good = json!({"keys": [key.jwk()]}).to_string();
         store_result(&s, &prefix, algs, Some(good.as_bytes()), 1_000).unwrap();
-        for bad in [&b"not json"[..], b"{}", b"{\"keys\":[]}", b"{\"keys\":[{\"kty\":\"oct\",\"k\":\"AA\"}]}"] {
+        for bad in [
+            &b"not json"[..],
+            b"{}",
+            b"{\"keys\":[]}",
+            b"{\"keys\":[{\"kty\":\"oct\",\"k\":\"AA\"}]}",
+        ] {
             assert!(store_result(&s, &prefix, algs, Some(bad), 2_000).is_err());
         }
         assert!(store_result(&s, &prefix, algs, None, 3_000).is_err());
         let loaded = a.remote_keys(&s, 4_000, true);
         assert_eq!(loaded.keys(0).map(|k| k.len()), Some(1));
         // And a token signed by that key verifies through the authenticator.
-        let token = key.sign(&json!({"sub": "u", "exp": 10_000}).as_object().cloned().unwrap()).unwrap();
+        let token = key
+            .sign(
+                &json!({"sub": "u", "exp": 10_000})
+                    .as_object()
+                    .cloned()
+                    .unwrap(),
+            )
+            .unwrap();
         let h = format!("Bearer {token}");
-        let c = Credentials { authorization: Some(&h), ..Default::default() };
+        let c = Credentials {
+            authorization: Some(&h),
+            ..Default::default()
+        };
         assert!(a.authenticate(&route(), &c, &loaded, 4_000, &s).is_ok());
-        assert!(a.authenticate(&route(), &c, &NoRemoteKeys, 4_000, &s).is_err());
+        assert!(a
+            .authenticate(&route(), &c, &NoRemoteKeys, 4_000, &s)
+            .is_err());
     }
 
     #[test]
@@ -437,31 +501,98 @@ mod tests {
         let algs = a.providers[0].rules.algorithms;
         let k1 = SigningKey::generate("ES256", "k1").unwrap();
         let k2 = SigningKey::generate("ES256", "k2").unwrap();
-        store_result(&s, &prefix, algs, Some(json!({"keys": [k1.jwk()]}).to_string().as_bytes()), T + 1_000).unwrap();
-        assert_eq!(worker2.remote_keys(&s, T + 1_000, false).keys(0).map(|k| k.len()), Some(1));
-        assert_eq!(a.remote_keys(&s, T + 1_000, false).keys(0).map(|k| k.len()), Some(1));
+        store_result(
+            &s,
+            &prefix,
+            algs,
+            Some(json!({"keys": [k1.jwk()]}).to_string().as_bytes()),
+            T + 1_000,
+        )
+        .unwrap();
+        assert_eq!(
+            worker2
+                .remote_keys(&s, T + 1_000, false)
+                .keys(0)
+                .map(|k| k.len()),
+            Some(1)
+        );
+        assert_eq!(
+            a.remote_keys(&s, T + 1_000, false).keys(0).map(|k| k.len()),
+            Some(1)
+        );
         // A token with kid k2: unknown kid, which wins one refetch, then is rate-limited.
-        let t2 = k2.sign(&json!({"sub": "u", "exp": 2_000_000_000u64}).as_object().cloned().unwrap()).unwrap();
+        let t2 = k2
+            .sign(
+                &json!({"sub": "u", "exp": 2_000_000_000u64})
+                    .as_object()
+                    .cloned()
+                    .unwrap(),
+            )
+            .unwrap();
         let h = format!("Bearer {t2}");
-        let c = Credentials { authorization: Some(&h), ..Default::default() };
-        let e = worker2.authenticate(&route(), &c, &worker2.remote_keys(&s, T + 2_000, false), T + 2_000, &s).unwrap_err();
-        assert!(matches!(e, AuthError::InvalidToken { error: crate::auth::JwtError::UnknownKid, .. }));
+        let c = Credentials {
+            authorization: Some(&h),
+            ..Default::default()
+        };
+        let e = worker2
+            .authenticate(
+                &route(),
+                &c,
+                &worker2.remote_keys(&s, T + 2_000, false),
+                T + 2_000,
+                &s,
+            )
+            .unwrap_err();
+        assert!(matches!(
+            e,
+            AuthError::InvalidToken {
+                error: crate::auth::JwtError::UnknownKid,
+                ..
+            }
+        ));
         assert!(worker2.should_fetch(0, &e, &s, T + 2_000));
-        assert!(!a.should_fetch(0, &e, &s, T + 2_100), "another worker, same period");
-        store_result(&s, &prefix, algs, Some(json!({"keys": [k1.jwk(), k2.jwk()]}).to_string().as_bytes()), T + 2_200).unwrap();
+        assert!(
+            !a.should_fetch(0, &e, &s, T + 2_100),
+            "another worker, same period"
+        );
+        store_result(
+            &s,
+            &prefix,
+            algs,
+            Some(json!({"keys": [k1.jwk(), k2.jwk()]}).to_string().as_bytes()),
+            T + 2_200,
+        )
+        .unwrap();
         assert!(!a.should_fetch(0, &e, &s, T + 2_000 + KID_REFETCH_MS - 1));
         assert!(a.should_fetch(0, &e, &s, T + 2_000 + KID_REFETCH_MS));
         // Within CHECK_MS a worker keeps its copy; forced (after its own fetch) it reloads.
-        assert_eq!(a.remote_keys(&s, T + 1_500, false).keys(0).map(|k| k.len()), Some(1));
-        assert_eq!(a.remote_keys(&s, T + 2_300, true).keys(0).map(|k| k.len()), Some(2));
-        assert!(a.authenticate(&route(), &c, &a.remote_keys(&s, T + 2_300, false), T + 2_300, &s).is_ok());
+        assert_eq!(
+            a.remote_keys(&s, T + 1_500, false).keys(0).map(|k| k.len()),
+            Some(1)
+        );
+        assert_eq!(
+            a.remote_keys(&s, T + 2_300, true).keys(0).map(|k| k.len()),
+            Some(2)
+        );
+        assert!(a
+            .authenticate(
+                &route(),
+                &c,
+                &a.remote_keys(&s, T + 2_300, false),
+                T + 2_300,
+                &s
+            )
+            .is_ok());
     }
 
     #[test]
     fn waiter_fetches_are_bounded_per_worker() {
         let a = auth();
         let s = MemoryStore::new();
-        let e = AuthError::InvalidToken { provider: 0, error: crate::auth::JwtError::KeysUnavailable };
+        let e = AuthError::InvalidToken {
+            provider: 0,
+            error: crate::auth::JwtError::KeysUnavailable,
+        };
         for _ in 0..MAX_WAITER_FETCHES {
             assert!(a.should_fetch(0, &e, &s, 1));
         }

@@ -110,7 +110,9 @@ impl RootContext for Root {
                 }
                 Err(e) => {
                     log::warn!("api-guard: cannot fetch JWKS from cluster '{cluster}': {e:?}");
-                    let _ = cfg.auth.fetch_finished(provider, &ProxyStore, None, now_ms());
+                    let _ = cfg
+                        .auth
+                        .fetch_finished(provider, &ProxyStore, None, now_ms());
                 }
             }
         }
