@@ -604,3 +604,52 @@ fn requests_wait_for_the_first_fetch_bounded_by_timeout() {
     );
     assert_eq!(r.json()["message"], "signing keys are not available");
 }
+
+#[test]
+fn cli_token_mints_what_the_filter_accepts() {
+    let dir = temp_dir("token");
+    for alg in ["HS256", "ES256"] {
+        let key = dir.join(format!("{alg}.json"));
+        let key = path_str(&key);
+        let token = cli()
+            .args(["token", "--alg", alg, "--key", &key, "--sub", "cli-user"])
+            .args([
+                "--iss",
+                ISS,
+                "--aud",
+                AUD,
+                "--scope",
+                "read:orders",
+                "--claim",
+                "plan=\"gold\"",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            token.status.success(),
+            "{}",
+            String::from_utf8_lossy(&token.stderr)
+        );
+        let token = String::from_utf8(token.stdout).unwrap().trim().to_string();
+        let jwks = cli()
+            .args(["token", "--key", &key, "--jwks"])
+            .output()
+            .unwrap();
+        assert!(jwks.status.success());
+        let jwks: Value = serde_json::from_slice(&jwks.stdout).unwrap();
+        let cfg = json!({
+            "jwt_providers": {"demo": {"issuer": ISS, "audiences": [AUD], "algorithms": [alg],
+                                       "local_jwks": jwks, "tier_claim": "plan"}},
+            "default_route": {"auth": {"mode": "required", "methods": ["jwt:demo"], "scopes_all": ["read:orders"]}}
+        })
+        .to_string();
+        let envoy = Envoy::start(&cfg);
+        let r = get(&envoy, "/x", &token);
+        assert_eq!(r.status, 200, "{alg}: {}", r.text());
+        assert_eq!(
+            r.upstream_header("x-auth-client").as_deref(),
+            Some("cli-user")
+        );
+        assert_eq!(r.upstream_header("x-auth-tier").as_deref(), Some("gold"));
+    }
+}

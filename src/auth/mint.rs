@@ -107,6 +107,61 @@ impl SigningKey {
         })
     }
 
+    /// The whole key (private part included) as a JWK, to save and reload with
+    /// [`SigningKey::from_private_jwk`].
+    pub fn private_jwk(&self) -> Value {
+        let text = match self {
+            SigningKey::HS256(_) | SigningKey::HS384(_) | SigningKey::HS512(_) => {
+                return self.jwk()
+            }
+            SigningKey::RS256(k) => k.to_jwk(),
+            SigningKey::RS384(k) => k.to_jwk(),
+            SigningKey::RS512(k) => k.to_jwk(),
+            SigningKey::PS256(k) => k.to_jwk(),
+            SigningKey::PS384(k) => k.to_jwk(),
+            SigningKey::PS512(k) => k.to_jwk(),
+            SigningKey::ES256(k) => k.to_jwk(),
+            SigningKey::ES384(k) => k.to_jwk(),
+            SigningKey::EdDSA(k) => k.to_jwk(),
+        };
+        serde_json::from_str(&text).unwrap_or(Value::Null)
+    }
+
+    /// Loads a key saved with [`SigningKey::private_jwk`]; its `alg` and `kid` come along.
+    pub fn from_private_jwk(jwk: &Value) -> Result<SigningKey, MintError> {
+        let alg = jwk["alg"]
+            .as_str()
+            .ok_or_else(|| MintError("the key file has no \"alg\"".into()))?;
+        let kid = jwk["kid"].as_str().unwrap_or("demo");
+        let text = jwk.to_string();
+        let oct = || {
+            jwk["k"]
+                .as_str()
+                .and_then(|k| super::jwks::b64url_decode(k))
+                .ok_or_else(|| MintError("the key file has no valid \"k\"".into()))
+        };
+        Ok(match alg {
+            "HS256" => SigningKey::HS256(HS256Key::from_bytes(&oct()?).with_key_id(kid)),
+            "HS384" => SigningKey::HS384(HS384Key::from_bytes(&oct()?).with_key_id(kid)),
+            "HS512" => SigningKey::HS512(HS512Key::from_bytes(&oct()?).with_key_id(kid)),
+            "RS256" | "RS384" | "RS512" | "PS256" | "PS384" | "PS512" => {
+                return SigningKey::rsa_from_jwk(alg, jwk, kid)
+            }
+            "ES256" => {
+                SigningKey::ES256(ES256KeyPair::from_jwk(&text).map_err(err)?.with_key_id(kid))
+            }
+            "ES384" => {
+                SigningKey::ES384(ES384KeyPair::from_jwk(&text).map_err(err)?.with_key_id(kid))
+            }
+            "EdDSA" => SigningKey::EdDSA(
+                Ed25519KeyPair::from_jwk(&text)
+                    .map_err(err)?
+                    .with_key_id(kid),
+            ),
+            other => return Err(MintError(format!("unsupported algorithm '{other}'"))),
+        })
+    }
+
     /// The key as a JWKS entry: the public key, or for HMAC the secret (`kty: oct`).
     pub fn jwk(&self) -> Value {
         let text = match self {
