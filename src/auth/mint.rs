@@ -137,7 +137,7 @@ impl SigningKey {
         let oct = || {
             jwk["k"]
                 .as_str()
-                .and_then(|k| super::jwks::b64url_decode(k))
+                .and_then(super::jwks::b64url_decode)
                 .ok_or_else(|| MintError("the key file has no valid \"k\"".into()))
         };
         Ok(match alg {
