@@ -665,3 +665,59 @@ fn config_parse_runs_auth_validation() {
     let e = config::parse(doc.to_string().as_bytes(), &no_env).unwrap_err();
     assert_eq!(e.path, "jwt_providers.m.local_jwks.keys[0]");
 }
+
+/// Verification cost per algorithm, natively: cold (decode, claims, signature) and the cached
+/// path (the whole `authenticate` with a cache hit). Prints figures; run with
+/// `cargo test --release --lib auth::tests::measure -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn measure_verify_cost() {
+    use std::time::Instant;
+    let rsa = {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/vectors/wycheproof/json_web_signature_test.subset.json"
+        );
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        v["testGroups"][2]["private"].clone()
+    };
+    let keys = [
+        SigningKey::generate("HS256", "k").unwrap(),
+        SigningKey::rsa_from_jwk("RS256", &rsa, "k").unwrap(),
+        SigningKey::rsa_from_jwk("PS256", &rsa, "k").unwrap(),
+        SigningKey::generate("ES256", "k").unwrap(),
+        SigningKey::generate("ES384", "k").unwrap(),
+        SigningKey::generate("EdDSA", "k").unwrap(),
+    ];
+    for key in &keys {
+        let jwk = key.jwk();
+        let alg = jwk["alg"].as_str().unwrap_or("?").to_string();
+        let raw: config::RawConfig = serde_json::from_value(json!({"jwt_providers": {"p": {
+            "issuer": "https://auth.example.com", "audiences": ["https://api.example.com"],
+            "algorithms": [alg], "local_jwks": {"keys": [jwk]}}}}))
+        .unwrap();
+        let a = Authenticator::compile(&raw, &no_env).unwrap();
+        let token = key.sign(&main_claims(json!({}))).unwrap();
+        let p = &a.providers[0];
+        let n = 200;
+        let t0 = Instant::now();
+        for _ in 0..n {
+            jwt::verify(&token, &p.rules, p.local.as_ref().unwrap(), NOW_S).unwrap();
+        }
+        let cold = t0.elapsed().as_secs_f64() * 1e6 / n as f64;
+        let s = MemoryStore::new();
+        let h = bearer(&token);
+        let c = Credentials {
+            authorization: Some(&h),
+            ..Default::default()
+        };
+        let r = route("required", &["jwt:p"]);
+        a.authenticate(&r, &c, &NoRemoteKeys, NOW_MS, &s).unwrap();
+        let t0 = Instant::now();
+        for _ in 0..n * 10 {
+            a.authenticate(&r, &c, &NoRemoteKeys, NOW_MS, &s).unwrap();
+        }
+        let cached = t0.elapsed().as_secs_f64() * 1e6 / (n * 10) as f64;
+        println!("{alg}: cold verify {cold:.1} us, cached authenticate {cached:.1} us");
+    }
+}
