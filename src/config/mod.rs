@@ -438,7 +438,7 @@ pub fn compile(raw: RawConfig, env: EnvLookup<'_>) -> Result<(Config, Vec<Warnin
         None => {
             warnings.push(Warning {
                 path: "default_route".into(),
-                message: "no default_route: requests matching no route pass with only security headers, CORS and per-IP limits applied".into(),
+                message: "no default_route: requests matching no route pass with only security headers, CORS and path checks (no auth, no rate limit); add a default_route".into(),
             });
             None
         }
