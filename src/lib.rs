@@ -5,6 +5,7 @@
 
 pub mod client_ip;
 pub mod config;
+pub mod cors;
 pub mod identity;
 pub mod routes;
 pub mod store;
