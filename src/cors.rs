@@ -22,14 +22,15 @@
 //!   nothing with credentials (Fetch treats them as literal names) and hide what is allowed.
 //! - `access-control-allow-origin` always echoes the request's (validated) origin, never `*`,
 //!   so one code path serves credentialed and non-credentialed configs; `vary: origin` goes on
-//!   every response (`merge_vary`).
+//!   every response (merged into the upstream's `vary` by `headers::response_ops`).
 //! - `access-control-max-age` is always sent, `max_age_s` or 600 s by default.
 //!
 //! The request path allocates nothing: the header values are rendered once at compile time
 //! and the decisions hand out borrowed strings.
 
-use crate::config::{ConfigError, CorsConfig, Warning};
-use std::borrow::Cow;
+use crate::config::{Config, ConfigError, CorsConfig, Warning};
+use crate::pipeline::{Answer, Exchange, Request, Step};
+use crate::reply::{ErrorCode, LocalReply};
 use std::fmt;
 use std::net::Ipv6Addr;
 
@@ -489,7 +490,7 @@ impl CorsPolicy {
     }
 
     /// Checks a comma-separated `access-control-request-headers` list.
-    fn headers_allowed(&self, list: &str) -> bool {
+    pub fn headers_allowed(&self, list: &str) -> bool {
         list.split(',')
             .map(|h| h.trim_matches([' ', '\t']))
             .filter(|h| !h.is_empty())
@@ -639,24 +640,78 @@ pub fn is_cors_response_header(name: &str) -> bool {
             .is_some_and(|p| p.eq_ignore_ascii_case(PREFIX))
 }
 
-/// Merges `origin` into a response's `vary` value. `None` means leave the header as it is
-/// (it already names `origin` or is `*`); otherwise the value to set. Allocates only when the
-/// upstream sent a `vary` of its own.
-pub fn merge_vary(existing: Option<&str>) -> Option<Cow<'_, str>> {
-    let Some(v) = existing.map(|v| v.trim_matches([' ', '\t'])) else {
-        return Some(Cow::Borrowed("origin"));
-    };
-    if v.is_empty() {
-        return Some(Cow::Borrowed("origin"));
+/// The request's origin, if it sent exactly one: a repeated `origin` header is malformed.
+fn single_origin<'a>(req: &Request<'a>) -> Option<&'a str> {
+    match req.header_count("origin") {
+        1 => req.header("origin"),
+        _ => None,
     }
-    let covered = v
-        .split(',')
-        .map(|t| t.trim_matches([' ', '\t']))
-        .any(|t| t == "*" || t.eq_ignore_ascii_case("origin"));
-    if covered {
-        None
-    } else {
-        Some(Cow::Owned(format!("{v}, origin")))
+}
+
+/// Records the response-side CORS headers of this request in the exchange, before any stage
+/// can answer, so local replies (400, 401, 429, ...) carry them as upstream responses do:
+/// `vary: origin` always, the `access-control-*` headers for an allowed origin. Preflights get
+/// their headers from [`stage`] (a refused one must carry none).
+pub fn annotate(cfg: &Config, req: &Request<'_>, ex: &mut Exchange) {
+    let Some(policy) = &cfg.cors else {
+        return;
+    };
+    if !ex.vary.contains(&"origin") {
+        ex.vary.push("origin");
+    }
+    if is_preflight(req.method, req.header("origin"), req.header(REQUEST_METHOD)) {
+        return;
+    }
+    for (name, value) in actual_response_headers(policy, single_origin(req)).iter() {
+        ex.response_headers
+            .push((name.to_string(), value.to_string()));
+    }
+}
+
+/// The pipeline's CORS stage: answers preflights (204 or 403 `cors_rejected`), lets every
+/// other request through.
+pub fn stage(cfg: &Config, req: &Request<'_>, _ex: &mut Exchange) -> Step {
+    let Some(policy) = &cfg.cors else {
+        return Step::Next;
+    };
+    let (origin, method) = match (req.header("origin"), req.header(REQUEST_METHOD)) {
+        (Some(o), Some(m)) if req.method == "OPTIONS" => (o, m),
+        _ => return Step::Next,
+    };
+    let refuse = |reason: RejectReason| {
+        Step::Reply(
+            LocalReply::new(
+                ErrorCode::CorsRejected,
+                format!("CORS preflight refused: {reason}"),
+            )
+            .with_policy("cors"),
+        )
+    };
+    if req.header_count("origin") > 1 || req.header_count(REQUEST_METHOD) > 1 {
+        return refuse(RejectReason::Origin(OriginError::NotAnOrigin));
+    }
+    // A repeated `access-control-request-headers` is one list split over lines: every part
+    // must pass.
+    let mut lists = req
+        .headers
+        .iter()
+        .filter(|(k, _)| k == REQUEST_HEADERS)
+        .map(|(_, v)| v.as_str());
+    let first = lists.next();
+    match preflight(policy, origin, method, first) {
+        Preflight::Allowed(h) => {
+            if lists.any(|l| !policy.headers_allowed(l)) {
+                return refuse(RejectReason::Header);
+            }
+            Step::Answer(Answer {
+                status: 204,
+                headers: h
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            })
+        }
+        Preflight::Rejected(reason) => refuse(reason),
     }
 }
 
@@ -1014,29 +1069,6 @@ mod tests {
     }
 
     #[test]
-    fn vary_merges_origin_once() {
-        assert_eq!(merge_vary(None).as_deref(), Some("origin"));
-        assert_eq!(merge_vary(Some("")).as_deref(), Some("origin"));
-        assert_eq!(
-            merge_vary(Some("accept-encoding")).as_deref(),
-            Some("accept-encoding, origin")
-        );
-        assert_eq!(
-            merge_vary(Some("Accept-Encoding, Accept-Language")).as_deref(),
-            Some("Accept-Encoding, Accept-Language, origin")
-        );
-        assert_eq!(merge_vary(Some("Origin")), None);
-        assert_eq!(merge_vary(Some("accept-encoding,origin")), None);
-        assert_eq!(merge_vary(Some("accept-encoding , ORIGIN ")), None);
-        assert_eq!(merge_vary(Some("*")), None);
-        assert_eq!(
-            merge_vary(Some("origins")).as_deref(),
-            Some("origins, origin")
-        );
-        assert!(matches!(merge_vary(None), Some(Cow::Borrowed(_))));
-    }
-
-    #[test]
     fn cors_response_headers_are_recognized() {
         assert!(is_cors_response_header("access-control-allow-origin"));
         assert!(is_cors_response_header("Access-Control-Expose-Headers"));
@@ -1262,6 +1294,215 @@ mod tests {
                 ),
                 "{h:?}"
             );
+        }
+    }
+
+    mod through_the_pipeline {
+        use crate::config::Config;
+        use crate::pipeline::{on_request_headers, Env, Exchange, Request, Verdict};
+        use crate::reply::ErrorCode;
+        use crate::store::MemoryStore;
+
+        const CFG: &str = r#"{"cors":{"allow_origins":["https://app.example.com"],
+            "allow_methods":["GET","PUT"],"allow_headers":["authorization"],
+            "expose_headers":["x-request-id"],"allow_credentials":true},
+            "default_route":{}}"#;
+
+        fn run(cfg: &Config, method: &str, path: &str, h: &[(&str, &str)]) -> (Verdict, Exchange) {
+            let headers: Vec<(String, String)> = h
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            let store = MemoryStore::new();
+            let env = Env {
+                now_ms: 0,
+                store: &store,
+            };
+            let req = Request {
+                method,
+                path,
+                headers: &headers,
+                source_address: None,
+                route_name: None,
+            };
+            let mut ex = Exchange::default();
+            let v = on_request_headers(cfg, &req, &mut ex, &env);
+            (v, ex)
+        }
+
+        fn cfg(json: &str) -> Config {
+            crate::config::parse(json.as_bytes(), &|_| None).unwrap().0
+        }
+
+        #[test]
+        fn an_allowed_preflight_is_answered_with_204() {
+            let c = cfg(CFG);
+            let (v, ex) = run(
+                &c,
+                "OPTIONS",
+                "/x",
+                &[
+                    ("origin", "https://app.example.com"),
+                    ("access-control-request-method", "PUT"),
+                    ("access-control-request-headers", "authorization"),
+                ],
+            );
+            match v {
+                Verdict::Answer(a) => {
+                    assert_eq!(a.status, 204);
+                    assert!(a.headers.contains(&(
+                        "access-control-allow-origin".into(),
+                        "https://app.example.com".into()
+                    )));
+                    assert!(a
+                        .headers
+                        .contains(&("access-control-allow-credentials".into(), "true".into())));
+                }
+                v => panic!("{v:?}"),
+            }
+            assert_eq!(ex.vary, ["origin"]);
+            assert!(
+                ex.response_headers.is_empty(),
+                "a preflight gets only its own headers"
+            );
+        }
+
+        #[test]
+        fn a_refused_preflight_gets_403_and_no_cors_headers() {
+            let c = cfg(CFG);
+            for h in [
+                vec![
+                    ("origin", "https://evil.example.com"),
+                    ("access-control-request-method", "GET"),
+                ],
+                vec![
+                    ("origin", "https://app.example.com"),
+                    ("access-control-request-method", "DELETE"),
+                ],
+                vec![
+                    ("origin", "https://app.example.com"),
+                    ("access-control-request-method", "GET"),
+                    ("access-control-request-headers", "x-other"),
+                ],
+                vec![
+                    ("origin", "https://app.example.com"),
+                    ("access-control-request-method", "GET"),
+                    ("access-control-request-headers", "authorization"),
+                    ("access-control-request-headers", "x-other"),
+                ],
+                vec![
+                    ("origin", "https://app.example.com"),
+                    ("origin", "https://app.example.com"),
+                    ("access-control-request-method", "GET"),
+                ],
+            ] {
+                let (v, ex) = run(&c, "OPTIONS", "/x", &h);
+                match v {
+                    Verdict::Reply(r) => assert_eq!(r.code, ErrorCode::CorsRejected, "{h:?}"),
+                    v => panic!("{h:?}: {v:?}"),
+                }
+                assert!(
+                    ex.response_headers
+                        .iter()
+                        .all(|(k, _)| !k.starts_with("access-control-")),
+                    "{h:?}"
+                );
+                assert_eq!(ex.vary, ["origin"]);
+            }
+        }
+
+        #[test]
+        fn actual_requests_and_plain_options_go_on_with_headers_recorded() {
+            let c = cfg(CFG);
+            for m in ["GET", "OPTIONS", "DELETE"] {
+                let (v, ex) = run(&c, m, "/x", &[("origin", "https://app.example.com")]);
+                assert!(matches!(v, Verdict::Forward(_)), "{m}");
+                let names: Vec<&str> = ex
+                    .response_headers
+                    .iter()
+                    .map(|(k, _)| k.as_str())
+                    .collect();
+                assert_eq!(
+                    names,
+                    [
+                        "access-control-allow-origin",
+                        "access-control-allow-credentials",
+                        "access-control-expose-headers"
+                    ]
+                );
+            }
+            // Plain OPTIONS, no preflight headers: an ordinary request.
+            let (v, ex) = run(&c, "OPTIONS", "/x", &[]);
+            assert!(matches!(v, Verdict::Forward(_)));
+            assert!(ex.response_headers.is_empty());
+            assert_eq!(ex.vary, ["origin"]);
+            // A repeated origin is malformed: no CORS headers.
+            let (_, ex) = run(
+                &c,
+                "GET",
+                "/x",
+                &[
+                    ("origin", "https://app.example.com"),
+                    ("origin", "https://app.example.com"),
+                ],
+            );
+            assert!(ex.response_headers.is_empty());
+            // A path refused with 400 still carries the CORS headers.
+            let (v, ex) = run(
+                &c,
+                "GET",
+                "/a%2Fb",
+                &[("origin", "https://app.example.com")],
+            );
+            assert!(matches!(v, Verdict::Reply(ref r) if r.code == ErrorCode::InvalidRequest));
+            assert_eq!(ex.response_headers.len(), 3);
+        }
+
+        #[test]
+        fn without_cors_nothing_is_added_and_preflights_pass() {
+            let c = cfg(r#"{"default_route":{}}"#);
+            let (v, ex) = run(
+                &c,
+                "OPTIONS",
+                "/x",
+                &[
+                    ("origin", "https://app.example.com"),
+                    ("access-control-request-method", "PUT"),
+                ],
+            );
+            assert!(matches!(v, Verdict::Forward(_)));
+            assert!(ex.vary.is_empty() && ex.response_headers.is_empty());
+        }
+
+        #[test]
+        fn upstream_cors_headers_are_replaced_or_dropped() {
+            use crate::headers::{response_ops, HeaderOp};
+            let c = cfg(CFG);
+            let upstream = vec![
+                ("access-control-allow-origin".to_string(), "*".to_string()),
+                ("Access-Control-Allow-Methods".to_string(), "*".to_string()),
+                ("vary".to_string(), "accept-encoding".to_string()),
+            ];
+            let ops = response_ops(&c, &upstream, &[], &["origin"]);
+            assert!(ops.contains(&HeaderOp::Remove("access-control-allow-origin".into())));
+            assert!(ops.contains(&HeaderOp::Remove("Access-Control-Allow-Methods".into())));
+            assert!(ops.contains(&HeaderOp::Set(
+                "vary".into(),
+                "accept-encoding, origin".into()
+            )));
+            let ours = vec![(
+                "access-control-allow-origin".to_string(),
+                "https://app.example.com".to_string(),
+            )];
+            let ops = response_ops(&c, &upstream, &ours, &["origin"]);
+            assert!(!ops.contains(&HeaderOp::Remove("access-control-allow-origin".into())));
+            assert!(ops.contains(&HeaderOp::Set(
+                "access-control-allow-origin".into(),
+                "https://app.example.com".into()
+            )));
+            // Without a cors section the upstream's headers are its own business.
+            let ops = response_ops(&cfg("{}"), &upstream, &[], &[]);
+            assert!(!ops.iter().any(|o| matches!(o, HeaderOp::Remove(_))));
         }
     }
 }

@@ -321,6 +321,10 @@ fn istio_wasmplugin_carries_the_demo_config() {
     let start = yaml.find("pluginConfig:").unwrap() + "pluginConfig:".len();
     let plugin: serde_json::Value = serde_json::from_str(yaml[start..].trim()).unwrap();
     let file: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(repo.join("envoy/demo-filter.json")).unwrap()).unwrap();
-    assert_eq!(plugin, file, "envoy/istio-wasmplugin.yaml and envoy/demo-filter.json differ");
+        serde_json::from_slice(&std::fs::read(repo.join("envoy/demo-filter.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        plugin, file,
+        "envoy/istio-wasmplugin.yaml and envoy/demo-filter.json differ"
+    );
 }

@@ -38,6 +38,8 @@ pub fn now_ms() -> u64 {
 /// Counters in Envoy stats (`/stats`: `wasmcustom.api_guard.*`). Ids are per VM.
 pub struct Metrics {
     allowed: Option<u32>,
+    /// Requests the filter answered itself without denying them (CORS preflights).
+    answered: Option<u32>,
     denied: [Option<u32>; ErrorCode::ALL.len()],
 }
 
@@ -53,12 +55,19 @@ impl Metrics {
         }
         Self {
             allowed: counter("api_guard.allowed"),
+            answered: counter("api_guard.answered"),
             denied,
         }
     }
 
     pub fn allowed(&self) {
         if let Some(id) = self.allowed {
+            let _ = hostcalls::increment_metric(id, 1);
+        }
+    }
+
+    pub fn answered(&self) {
+        if let Some(id) = self.answered {
             let _ = hostcalls::increment_metric(id, 1);
         }
     }
