@@ -330,6 +330,64 @@ fn local_replies_carry_cors_headers() {
     assert_vary_origin(&r);
 }
 
+/// 401 (webhook signature) and 429 (rate limit) replies carry the CORS headers, so a browser
+/// app can read the error; a preflight is answered before any limit and costs no token.
+#[test]
+fn denials_from_other_stages_carry_cors_headers() {
+    let envoy = Envoy::start(
+        r#"{
+      "cors": {"allow_origins": ["https://app.example.com"], "allow_methods": ["GET", "POST"],
+               "expose_headers": ["retry-after"], "allow_credentials": true},
+      "rate_limits": {"per-ip": {"key": ["ip"], "capacity": 2, "refill_tokens": 1,
+                                 "refill_period_s": 3600}},
+      "webhooks": {"gh": {"scheme": "github", "secrets": ["s3cret-for-the-cors-test"]}},
+      "routes": [{"name": "hook", "match": {"methods": ["POST"], "path": "/hook"},
+                  "auth": {"mode": "none"}, "webhook": "gh"}],
+      "default_route": {"rate_limits": ["per-ip"]}
+    }"#,
+    );
+    let o = "https://app.example.com";
+    let r = envoy
+        .req("POST", "/hook")
+        .header("origin", o)
+        .header("x-hub-signature-256", "sha256=00")
+        .body("{}")
+        .send();
+    r.assert_error(401, "invalid_signature");
+    assert_eq!(r.header("access-control-allow-origin"), Some(o));
+    assert_eq!(r.header("access-control-allow-credentials"), Some("true"));
+    assert_vary_origin(&r);
+
+    // Preflights first: answered before the per-IP limit, they take none of its 2 tokens.
+    for _ in 0..3 {
+        assert_eq!(preflight(&envoy, o, "GET", None).status, 204);
+    }
+    for _ in 0..2 {
+        assert_eq!(
+            envoy.req("GET", "/x").header("origin", o).send().status,
+            200
+        );
+    }
+    let r = envoy.req("GET", "/x").header("origin", o).send();
+    r.assert_error(429, "rate_limit_exceeded");
+    assert_eq!(r.header("access-control-allow-origin"), Some(o));
+    assert_eq!(r.header("access-control-allow-credentials"), Some("true"));
+    assert_eq!(
+        r.header("access-control-expose-headers"),
+        Some("retry-after")
+    );
+    assert!(r.header("retry-after").is_some());
+    assert_vary_origin(&r);
+    // From a disallowed origin the 429 has no CORS headers, vary all the same.
+    let r = envoy
+        .req("GET", "/x")
+        .header("origin", "https://evil.example.com")
+        .send();
+    r.assert_error(429, "rate_limit_exceeded");
+    assert!(cors_headers(&r).is_empty(), "{:?}", r.headers);
+    assert_vary_origin(&r);
+}
+
 #[test]
 fn without_a_cors_section_preflights_go_upstream_untouched() {
     let envoy = Envoy::start(r#"{"default_route":{"auth":{"mode":"none"}}}"#);

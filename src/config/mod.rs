@@ -65,6 +65,8 @@ pub struct Policy {
     pub cost: u64,
     pub quota: bool,
     pub webhook: Option<String>,
+    /// `rate_limits` resolved and split into pre-auth / post-auth stages.
+    pub limits: crate::ratelimit::RoutePlan,
 }
 
 #[derive(Debug, Clone)]
@@ -89,6 +91,10 @@ pub struct Config {
     pub stripped_request_headers: Vec<String>,
     /// The compiled `cors` section; `None` when CORS is off.
     pub cors: Option<crate::cors::CorsPolicy>,
+    /// Compiled `webhooks` entries (keys decoded, replay tables sized).
+    pub webhooks: crate::webhook::Webhooks,
+    /// Compiled `rate_limits`; its `prepare` must run in `on_configure`.
+    pub rate_limiter: crate::ratelimit::RateLimiter,
     pub raw: RawConfig,
 }
 
@@ -241,6 +247,7 @@ fn compile_policy(
         cost: cost.unwrap_or(1),
         quota,
         webhook: webhook.clone(),
+        limits: Default::default(),
     })
 }
 
@@ -378,11 +385,10 @@ pub fn compile(raw: RawConfig, env: EnvLookup<'_>) -> Result<(Config, Vec<Warnin
         }
     }
 
-    for (name, w) in &raw.webhooks {
-        for (i, s) in w.secrets.iter().enumerate() {
-            resolve_secret(s, &format!("webhooks.{name}.secrets[{i}]"), env)?;
-        }
-    }
+    let (webhooks, webhook_warnings) = crate::webhook::compile(&raw.webhooks, env)?;
+    warnings.extend(webhook_warnings);
+
+    let rate_limiter = crate::ratelimit::RateLimiter::compile(&raw, &mut warnings)?;
 
     let mut routes_out = Vec::with_capacity(raw.routes.len());
     let mut needs_route_name = false;
@@ -402,7 +408,7 @@ pub fn compile(raw: RawConfig, env: EnvLookup<'_>) -> Result<(Config, Vec<Warnin
         }
         let matcher = compile_matcher(&format!("{path}.match"), &r.matcher)?;
         needs_route_name |= matches!(matcher.path, PathMatch::RouteName(_));
-        let policy = compile_policy(
+        let mut policy = compile_policy(
             &raw,
             &path,
             &r.auth,
@@ -411,6 +417,7 @@ pub fn compile(raw: RawConfig, env: EnvLookup<'_>) -> Result<(Config, Vec<Warnin
             r.quota,
             &r.webhook,
         )?;
+        policy.limits = rate_limiter.plan(&path, &policy.rate_limits, policy.cost)?;
         routes_out.push(Route {
             name: r.name.clone(),
             matcher,
@@ -418,15 +425,19 @@ pub fn compile(raw: RawConfig, env: EnvLookup<'_>) -> Result<(Config, Vec<Warnin
         });
     }
     let default_route = match &raw.default_route {
-        Some(d) => Some(compile_policy(
-            &raw,
-            "default_route",
-            &d.auth,
-            &d.rate_limits,
-            d.cost,
-            d.quota,
-            &d.webhook,
-        )?),
+        Some(d) => {
+            let mut policy = compile_policy(
+                &raw,
+                "default_route",
+                &d.auth,
+                &d.rate_limits,
+                d.cost,
+                d.quota,
+                &d.webhook,
+            )?;
+            policy.limits = rate_limiter.plan("default_route", &policy.rate_limits, policy.cost)?;
+            Some(policy)
+        }
         None => {
             warnings.push(Warning {
                 path: "default_route".into(),
@@ -446,6 +457,8 @@ pub fn compile(raw: RawConfig, env: EnvLookup<'_>) -> Result<(Config, Vec<Warnin
             needs_route_name,
             stripped_request_headers: stripped,
             cors,
+            webhooks,
+            rate_limiter,
             raw,
         },
         warnings,
@@ -575,6 +588,33 @@ mod tests {
         assert_eq!(
             err(r#"{"rate_limits":{"p":{"key":["client"],"tiers":{"x":"lots"}}}}"#).path,
             "rate_limits.p.tiers.x"
+        );
+    }
+
+    #[test]
+    fn rate_limits_are_validated_and_planned_per_route() {
+        let limits = r#""rate_limits":{"ip":{"key":["ip"],"capacity":5,"refill_tokens":5,"refill_period_s":60},
+            "c":{"key":["client"],"capacity":2,"refill_tokens":1,"refill_period_s":60}}"#;
+        let doc = format!(
+            r#"{{{limits},"routes":[{{"name":"a","match":{{"path":"/a"}},"rate_limits":["c","ip"]}}],
+                "default_route":{{"rate_limits":["ip"],"cost":5}}}}"#
+        );
+        let (c, _) = parse(doc.as_bytes(), &no_env).unwrap();
+        let plan = &c.routes[0].policy.limits;
+        assert_eq!(c.rate_limiter.limits[plan.pre_auth[0]].name, "ip");
+        assert_eq!(c.rate_limiter.limits[plan.post_auth[0]].name, "c");
+        assert_eq!(c.default_route.as_ref().unwrap().limits.cost, 5);
+        let e = err(&format!(
+            r#"{{{limits},"routes":[{{"name":"a","match":{{"path":"/a"}},"rate_limits":["c"],"cost":3}}]}}"#
+        ));
+        assert_eq!(e.path, "routes[0].cost");
+        assert_eq!(
+            err(r#"{"rate_limits":{"x":{"key":["ip"],"capacity":0,"refill_tokens":1,"refill_period_s":1}}}"#).path,
+            "rate_limits.x.capacity"
+        );
+        assert_eq!(
+            err(r#"{"rate_limits":{"x":{"key":["nope"],"capacity":1,"refill_tokens":1,"refill_period_s":1}}}"#).path,
+            "rate_limits.x.key[0]"
         );
     }
 

@@ -1,9 +1,9 @@
 //! HTTP context: sequences one request through the pipeline and carries out verdicts.
 
-use super::host::{now_ms, Metrics, ProxyStore};
+use super::host::{self, now_ms, Metrics, ProxyStore};
 use crate::config::Config;
 use crate::headers::{self, DenyLog, HeaderOp};
-use crate::pipeline::{self, Env, Exchange, Request, Verdict};
+use crate::pipeline::{self, BodyVerdict, Env, Exchange, Request, Verdict, Wait};
 use crate::reply::LocalReply;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
@@ -13,6 +13,12 @@ pub struct Http {
     config: Rc<Config>,
     metrics: Rc<Metrics>,
     ex: Exchange,
+    /// Request body bookkeeping while the request is held: bytes Envoy has buffered (the
+    /// body callbacks report the running total), bytes already fed to the pipeline, and
+    /// whether the stream has ended.
+    body_buffered: usize,
+    body_fed: usize,
+    body_ended: bool,
 }
 
 impl Http {
@@ -21,6 +27,9 @@ impl Http {
             config,
             metrics,
             ex: Exchange::default(),
+            body_buffered: 0,
+            body_fed: 0,
+            body_ended: false,
         }
     }
 
@@ -68,7 +77,107 @@ impl Http {
                 self.send_http_response(answer.status, refs, None);
                 Action::Pause
             }
-            Verdict::Wait(w) => match w {},
+            Verdict::Wait(Wait::Body) => self.feed_body(paused),
+        }
+    }
+
+    /// Feeds the body bytes buffered since the last call to the pipeline (which verifies
+    /// them as they stream), and carries out what it decides. The request stays held until
+    /// then: `Pause` from headers is StopIteration, from a body callback
+    /// StopIterationAndBuffer, so Envoy keeps the body and forwards it unchanged later.
+    fn feed_body(&mut self, paused: bool) -> Action {
+        let chunk = if self.body_buffered > self.body_fed {
+            self.get_http_request_body(self.body_fed, self.body_buffered - self.body_fed)
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        self.body_fed = self.body_fed.saturating_add(chunk.len());
+        let store = ProxyStore;
+        let env = Env {
+            now_ms: now_ms(),
+            store: &store,
+        };
+        let step = pipeline::on_request_body(&mut self.ex, &chunk, self.body_ended, &env);
+        drop(chunk);
+        match step {
+            BodyVerdict::More => Action::Pause,
+            BodyVerdict::Reply(reply) => {
+                let (method, path) = self.method_and_path();
+                self.act(Verdict::Reply(reply), &method, &path, paused)
+            }
+            BodyVerdict::Continue => {
+                // The request headers are still readable while the request is held.
+                let headers = host::utf8_headers(self.get_http_request_headers_bytes());
+                let source = self.property(&["source", "address"]);
+                let route_name = if self.config.needs_route_name {
+                    self.property(&["xds", "route_name"])
+                } else {
+                    None
+                };
+                let (method, path) = pseudo(&headers);
+                let req = Request {
+                    method: &method,
+                    path: &path,
+                    headers: &headers,
+                    source_address: source.as_deref(),
+                    route_name: route_name.as_deref(),
+                };
+                let config = Rc::clone(&self.config);
+                let verdict = pipeline::run(&config, &req, &mut self.ex, &env);
+                self.act(verdict, &method, &path, paused)
+            }
+        }
+    }
+
+    fn method_and_path(&self) -> (String, String) {
+        pseudo(&host::utf8_headers(self.get_http_request_headers_bytes()))
+    }
+
+    /// A body callback (or trailers, which end the body). While the pipeline waits for the
+    /// body, each chunk is fed as it arrives; while it waits for something else (a callout),
+    /// the body is buffered and fed later; once the request was forwarded it streams on.
+    fn on_body_event(&mut self, body_buffered: Option<usize>, end_of_stream: bool) -> Action {
+        if self.ex.replied {
+            return Action::Pause;
+        }
+        if let Some(n) = body_buffered {
+            self.body_buffered = n;
+        }
+        self.body_ended |= end_of_stream;
+        if pipeline::waits_for_body(&self.ex) {
+            self.feed_body(false)
+        } else if self.ex.stage == pipeline::Stage::Done {
+            Action::Continue
+        } else {
+            Action::Pause
+        }
+    }
+
+    /// Counts rate-limit events and logs shadow denials (`shadow: true` limits that would
+    /// have answered 429).
+    fn rate_limit_events(&mut self) {
+        for (limit, e) in self.ex.ratelimit.drain_events() {
+            self.metrics.limit_event(limit, e);
+        }
+        for (limit, key) in std::mem::take(&mut self.ex.ratelimit.shadow_denials) {
+            let name = self
+                .config
+                .rate_limiter
+                .limits
+                .get(limit)
+                .map_or("", |l| l.name.as_str());
+            log::info!(
+                "{}",
+                headers::ShadowDenyLog {
+                    limit: name,
+                    key: &key,
+                    route: self.ex.route_name(&self.config),
+                    ip: self.ex.client_ip.as_deref(),
+                    request_id: self.ex.request_id.as_deref(),
+                }
+                .line()
+            );
         }
     }
 
@@ -102,10 +211,13 @@ impl Http {
 impl Context for Http {}
 
 impl HttpContext for Http {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        // A request without a body is complete now: a body check finishes immediately.
+        self.body_ended = end_of_stream;
         // One host call for the whole map: cheaper than several single-header reads, and the
-        // only way to see repeated headers.
-        let headers = self.get_http_request_headers();
+        // only way to see repeated headers. The `_bytes` variant: the String one panics (VM
+        // abort) on a header value that is not UTF-8.
+        let headers = host::utf8_headers(self.get_http_request_headers_bytes());
         let source = self.property(&["source", "address"]);
         let route_name = if self.config.needs_route_name {
             self.property(&["xds", "route_name"])
@@ -136,14 +248,24 @@ impl HttpContext for Http {
         };
         let config = Rc::clone(&self.config);
         let verdict = pipeline::on_request_headers(&config, &req, &mut self.ex, &env);
+        self.rate_limit_events();
         self.act(verdict, &method, &path, false)
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.on_body_event(Some(body_size), end_of_stream)
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        // Trailers end the body (its last callback had end_of_stream false).
+        self.on_body_event(None, true)
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         if self.ex.replied {
             return Action::Continue;
         }
-        let existing = self.get_http_response_headers();
+        let existing = host::utf8_headers(self.get_http_response_headers_bytes());
         for op in headers::response_ops(
             &self.config,
             &existing,
@@ -158,4 +280,16 @@ impl HttpContext for Http {
         }
         Action::Continue
     }
+}
+
+/// `:method` and `:path` from a header map.
+fn pseudo(headers: &[(String, String)]) -> (String, String) {
+    let get = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    (get(":method"), get(":path"))
 }
