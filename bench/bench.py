@@ -70,6 +70,8 @@ GROUPS = [
     ("JWT RS256, a new token per request", "plain", ["native-jwt"], "ag-jwt-cold"),
     ("Rate-limit decision", "plain", ["native-ratelimit"], "ag-ratelimit"),
     ("Webhook verify (GitHub, 1 KiB body)", "plain-post", [], "ag-webhook"),
+    ("Chain without JWT: CORS + rate limit + headers", "plain", ["native-chain-nojwt"],
+     "ag-chain-nojwt"),
     ("Full chain: CORS + JWT + rate limit + headers", "plain",
      ["native-chain-cached", "native-chain"], "ag-chain"),
 ]
@@ -99,21 +101,33 @@ class Keys:
         self.der = der
         self.jwk = json.loads(run([TOKENS_BIN, "jwk", der]))
         self.token = self.mint(1)[0]
-        self.pool_file = None
+        self.pool_files = {}
 
     def mint(self, n):
         out = run([TOKENS_BIN, "sign", self.der, str(n), ISS, AUD, str(EXP)])
         return out.split()
 
-    def pool(self, n):
-        if self.pool_file is None:
+    def pool(self, kind, n):
+        """A file of `n` never-repeating request variants: JWTs (`token`, one per line) or
+        signed webhook deliveries (`webhook`: "<hex MAC> <nonce>" per line, the body being
+        WEBHOOK_PREFIX + nonce + WEBHOOK_SUFFIX)."""
+        if kind not in self.pool_files:
             t0 = time.time()
-            tokens = self.mint(n)
-            self.pool_file = os.path.join(self.work, "tokens.txt")
-            with open(self.pool_file, "w") as f:
-                f.write("\n".join(tokens) + "\n")
-            log(f"minted {len(tokens)} distinct tokens in {time.time() - t0:.1f}s")
-        return self.pool_file
+            if kind == "token":
+                lines = self.mint(n)
+            else:
+                key = WEBHOOK_SECRET.encode()
+                lines = []
+                for i in range(n):
+                    nonce = f"{i:010d}"
+                    body = (WEBHOOK_PREFIX + nonce + WEBHOOK_SUFFIX).encode()
+                    lines.append(hmac.new(key, body, hashlib.sha256).hexdigest() + " " + nonce)
+            path = os.path.join(self.work, f"{kind}-pool.txt")
+            with open(path, "w") as f:
+                f.write("\n".join(lines) + "\n")
+            self.pool_files[kind] = path
+            log(f"made {len(lines)} distinct {kind}s in {time.time() - t0:.1f}s")
+        return self.pool_files[kind]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,6 +150,9 @@ def wasm_filter(path, config, vm_id):
             "config": {
                 "name": vm_id,
                 "root_id": vm_id,
+                # As the shipped configs: lets a filter hold headers while it reads the body
+                # (webhook checks); without it Envoy never delivers the body to the filter.
+                "allow_on_headers_stop_iteration": True,
                 "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue",
                                   "value": config if isinstance(config, str)
                                   else json.dumps(config)},
@@ -284,12 +301,13 @@ def bootstrap(filters, vhost_extra=None, direct=False, upstream_port=0):
 
 
 class Request:
-    def __init__(self, method="GET", path=PATH, headers=None, body=None, pool=False):
+    def __init__(self, method="GET", path=PATH, headers=None, body=None, pool=None):
         self.method = method
         self.path = path
         self.headers = dict(headers or {})
         self.body = body
-        self.pool = pool  # a new token per request, from the token pool
+        # A fresh variant per request from a pool: "token" (JWT) or "webhook" (signed body).
+        self.pool = pool
 
 
 def req_get(keys):
@@ -304,20 +322,20 @@ def req_preflight():
     })
 
 
-def webhook_body():
-    event = {"action": "opened", "number": 1, "repository": {"full_name": "acme/app"},
-             "pad": "x" * 900}
-    return json.dumps(event)[:1024].ljust(1024)
+# A 1 KiB GitHub-style delivery; the 10-digit nonce makes each body (so each MAC) unique,
+# because api-guard refuses a MAC it has seen before (replay).
+WEBHOOK_PREFIX = '{"action":"opened","repository":{"full_name":"acme/app"},"delivery":"'
+WEBHOOK_SUFFIX = '","pad":"' + "x" * (1024 - len(WEBHOOK_PREFIX) - 10 - 11) + '"}'
 
 
-def req_webhook(secret=WEBHOOK_SECRET):
-    body = webhook_body()
+def req_webhook(secret=WEBHOOK_SECRET, nonce="probe00000", pool=None):
+    body = WEBHOOK_PREFIX + nonce + WEBHOOK_SUFFIX
     sig = hmac.new(secret.encode(), body.encode(), hashlib.sha256).hexdigest()
     return Request("POST", "/webhooks/github", {
         "content-type": "application/json",
         "x-github-event": "pull_request",
         "x-hub-signature-256": f"sha256={sig}",
-    }, body)
+    }, body, pool=pool)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,6 +382,11 @@ def envoys(keys, upstream_port):
                                    native_headers()], vh_cors),
         "native-chain-cached": B([native_cors(), native_jwt(keys, True),
                                           native_ratelimit(), native_headers()], vh_cors),
+        "native-chain-nojwt": B([native_cors(), native_ratelimit(), native_headers()], vh_cors),
+        "ag-chain-nojwt": B([api_guard({
+            "cors": AG_CORS,
+            "rate_limits": {"per-ip": dict(BIG_BUCKET, key=["ip"])},
+            "default_route": {"rate_limits": ["per-ip"]}})]),
         "ag-headers": B([api_guard({"default_route": {}})]),
         "ag-cors": B([api_guard({"cors": AG_CORS, "default_route": {}})]),
         "ag-jwt": B([api_guard({
@@ -395,7 +418,8 @@ def cases(keys):
         Case("plain", "plain Envoy", "plain", "plain", get, [ok_get]),
         Case("plain-preflight", "plain Envoy, OPTIONS", "plain", "plain", req_preflight(),
              [(req_preflight(), 200, [], [])]),
-        Case("plain-post", "plain Envoy, POST 1 KiB", "plain", "plain", req_webhook(),
+        Case("plain-post", "plain Envoy, POST 1 KiB", "plain", "plain",
+             req_webhook(pool="webhook"),
              [(req_webhook(), 200, [], [])]),
         Case("noop-wasm", "no-op wasm filter", "wasm-noop", "noop", get, [ok_get]),
         Case("noop-wasm-calls", f"no-op wasm + {HOST_CALLS} header sets", "wasm-noop",
@@ -417,19 +441,27 @@ def cases(keys):
              "native-jwt-cached", get, jwt_probes),
         Case("ag-jwt", "api-guard JWT, same token", "api-guard", "ag-jwt", get, jwt_probes),
         Case("ag-jwt-cold", "api-guard JWT, new token each", "api-guard", "ag-jwt",
-             Request(headers={"origin": ORIGIN}, pool=True), jwt_probes),
+             Request(headers={"origin": ORIGIN}, pool="token"), jwt_probes),
         Case("native-ratelimit", "native local_ratelimit", "native", "native-ratelimit", get,
              [(get, 200, ["x-ratelimit-limit"], [])]),
         Case("ag-ratelimit", "api-guard rate limit", "api-guard", "ag-ratelimit", get,
              [(get, 200, ["ratelimit-policy"], [])]),
+        Case("native-chain-nojwt", "native cors + local_ratelimit + header_mutation", "native",
+             "native-chain-nojwt", get,
+             [(get, 200, [acao, "x-frame-options", "x-ratelimit-limit"], [])]),
+        Case("ag-chain-nojwt", "api-guard CORS + rate limit + headers", "api-guard",
+             "ag-chain-nojwt", get,
+             [(get, 200, [acao, "x-frame-options", "ratelimit-policy"], [])]),
         Case("native-chain", "native chain, no JWT cache", "native", "native-chain", get,
              chain_probes + [(get, 200, ["x-ratelimit-limit"], [])]),
         Case("native-chain-cached", "native chain + jwt_cache_config", "native",
              "native-chain-cached", get, chain_probes + [(get, 200, ["x-ratelimit-limit"], [])]),
         Case("ag-chain", "api-guard chain", "api-guard", "ag-chain", get,
              chain_probes + [(get, 200, ["ratelimit-policy"], [])]),
-        Case("ag-webhook", "api-guard webhook verify", "api-guard", "ag-webhook", req_webhook(),
-             [(req_webhook(), 200, [], []), (req_webhook("wrong-secret"), 401, [], [])]),
+        Case("ag-webhook", "api-guard webhook verify", "api-guard", "ag-webhook",
+             req_webhook(pool="webhook"),
+             [(req_webhook(), 200, [], []), (req_webhook("wrong-secret", "probe00001"), 401, [], []),
+              (req_webhook(), 401, [], [])]),
     ]
     return c
 
@@ -532,7 +564,7 @@ def send(port, req, token=None):
 
 def probe(case, envoy, keys):
     for req, status, present, absent in case.probes:
-        token = keys.token if req.pool else None
+        token = keys.token if req.pool == "token" else None
         got, headers = send(envoy.port, req, token)
         if status is not None and got != status:
             return f"{req.method} {req.path}: expected {status}, got {got}"
@@ -563,7 +595,29 @@ def lua_script(req, work, name, pace_ms):
         "function setup(thread) table.insert(threads, thread) end",
         "wraps = 0",
     ]
-    if req.pool:
+    if req.pool == "webhook":
+        # A fresh signed body per request (api-guard remembers MACs to refuse replays).
+        lines += [
+            f"prefix = {q(WEBHOOK_PREFIX)}",
+            f"suffix = {q(WEBHOOK_SUFFIX)}",
+            "pool = {}",
+            "idx = 0",
+            "function init(args)",
+            "  for l in io.lines(args[1]) do",
+            "    local sig, nonce = l:match('(%x+) (%d+)')",
+            "    pool[#pool + 1] = {sig, nonce}",
+            "  end",
+            "  idx = tonumber(args[2]) or 0",
+            "end",
+            "function request()",
+            "  idx = idx + 1",
+            "  if idx > #pool then idx = 1; wraps = wraps + 1 end",
+            "  local e = pool[idx]",
+            "  wrk.headers['x-hub-signature-256'] = 'sha256=' .. e[1]",
+            "  return wrk.format(nil, nil, nil, prefix .. e[2] .. suffix)",
+            "end",
+        ]
+    elif req.pool == "token":
         # A fresh token per request; `offset` continues where the previous run stopped so no
         # token is seen twice (api-guard caches verified tokens).
         lines += [
@@ -606,7 +660,7 @@ def wrk(envoy, case, keys, work, seconds, conns, pace_ms=0):
     args = ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--timeout", "5s", "-s", script,
             f"http://127.0.0.1:{envoy.port}{case.request.path}"]
     if case.request.pool:
-        args += ["--", keys.pool_file, str(case.used_tokens)]
+        args += ["--", keys.pool_files[case.request.pool], str(case.used_tokens)]
     cpu0 = envoy.cpu_seconds()
     out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 30).stdout
     cpu1 = envoy.cpu_seconds()
@@ -616,7 +670,8 @@ def wrk(envoy, case, keys, work, seconds, conns, pace_ms=0):
     r = json.loads(line[len("BENCH_JSON "):])
     r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
     r["cpu_us_per_req"] = (cpu1 - cpu0) * 1e6 / max(r["requests"], 1)
-    case.used_tokens += r["requests"]
+    # Requests still in flight when wrk stopped took pool entries too: skip past them.
+    case.used_tokens += r["requests"] + 2 * conns
     if r["errors"] or r["status_errors"]:
         log(f"  {case.id}: {r['errors']} socket errors, {r['status_errors']} non-2xx/3xx")
     return r
@@ -859,7 +914,9 @@ def report(res, path):
     ladder = [("plain", "plain Envoy"), ("noop-wasm", "+ a wasm filter that reads the headers "
                "and continues"), ("ag-headers", "api-guard, security headers + path checks"),
               ("ag-cors", "api-guard + CORS"), ("ag-ratelimit", "api-guard + a rate limit"),
-              ("ag-jwt", "api-guard + JWT (cached)"), ("ag-chain", "api-guard, full chain")]
+              ("ag-chain-nojwt", "api-guard, CORS + rate limit + headers"),
+              ("ag-jwt", "api-guard + JWT (cached)"), ("ag-webhook", "api-guard, webhook verify"),
+              ("ag-chain", "api-guard, full chain")]
     base = by.get("plain", {}).get("cpu_us_per_req")
     noop = by.get("noop-wasm", {}).get("cpu_us_per_req")
     L.append("Envoy CPU per request (median), each step against plain Envoy and against the "
@@ -1016,10 +1073,14 @@ def main():
             if c.id == "plain-post":
                 c.skip = "only measured beside the webhook case"
     for c in active:
-        if c.request.pool:
+        if c.request.pool == "token":
             # Enough fresh tokens for every run at up to ~4k req/s, capped for minting time.
             need = (a.rounds * 4000 + a.fr_rounds * a.rate) * a.seconds + 4000
-            keys.pool(min(need, 60000))
+            keys.pool("token", min(need, 60000))
+        elif c.request.pool == "webhook":
+            # Up to ~15k req/s: HMAC is cheap to compute here, the bodies are made in Lua.
+            need = (a.rounds * 15000 + a.fr_rounds * a.rate) * a.seconds + 15000
+            keys.pool("webhook", need)
 
     total = len(active) * (1 + (a.rounds + a.fr_rounds) * a.seconds)
     log(f"{len(active)} cases, about {total // 60} min {total % 60} s of load")
@@ -1040,7 +1101,7 @@ def main():
 
     profile = None
     if not a.no_profile:
-        target = next((c for cid in ("ag-chain", "ag-jwt", "ag-cors", "ag-headers")
+        target = next((c for cid in ("ag-chain", "ag-chain-nojwt", "ag-cors", "ag-headers")
                        for c in active if c.id == cid), None)
         if target:
             log(f"profiling {target.id} with perf")
