@@ -4,6 +4,7 @@
 //! may pass through the filter's own response callback as well.
 
 use crate::config::Config;
+use crate::pipeline::Answer;
 use crate::reply::LocalReply;
 
 /// One change to make to the response header map.
@@ -13,6 +14,8 @@ pub enum HeaderOp {
     Add(String, String),
     /// Replace (or add) a header.
     Set(String, String),
+    /// Drop a header (every value of it).
+    Remove(String),
 }
 
 fn find<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
@@ -48,15 +51,42 @@ pub fn response_ops(
     for (name, value) in extra {
         ops.push(HeaderOp::Set(name.clone(), value.clone()));
     }
+    if cfg.cors.is_some() {
+        // The filter's CORS policy is the only one: an upstream's own
+        // `access-control-allow-origin: *` must not widen it.
+        for (name, _) in existing {
+            if crate::cors::is_cors_response_header(name)
+                && !extra.iter().any(|(k, _)| k.eq_ignore_ascii_case(name))
+                && !ops
+                    .iter()
+                    .any(|o| matches!(o, HeaderOp::Remove(k) if k == name))
+            {
+                ops.push(HeaderOp::Remove(name.clone()));
+            }
+        }
+    }
     if !vary.is_empty() {
-        let current = find(existing, "vary");
+        // An upstream may send `vary` on several lines; `Set` replaces them all, so keep
+        // every line's tokens.
+        let mut lines = existing
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case("vary"))
+            .map(|(_, v)| v.trim())
+            .filter(|v| !v.is_empty());
+        let current: Option<String> = lines.next().map(|first| {
+            lines.fold(first.to_string(), |mut acc, v| {
+                acc.push_str(", ");
+                acc.push_str(v);
+                acc
+            })
+        });
         let missing: Vec<&str> = vary
             .iter()
             .copied()
-            .filter(|t| !current.is_some_and(|c| list_contains(c, t)))
+            .filter(|t| !current.as_deref().is_some_and(|c| list_contains(c, t)))
             .collect();
         if !missing.is_empty() {
-            let mut v = current.map(str::to_string).unwrap_or_default();
+            let mut v = current.unwrap_or_default();
             for t in missing {
                 if !v.is_empty() {
                     v.push_str(", ");
@@ -84,6 +114,31 @@ pub fn local_reply_headers(
         h.push((k.clone(), v.clone()));
     }
     for (k, v) in extra.iter().chain(reply.headers.iter()) {
+        match h.iter_mut().find(|(hk, _)| hk == k) {
+            Some(slot) => slot.1 = v.clone(),
+            None => h.push((k.clone(), v.clone())),
+        }
+    }
+    if !vary.is_empty() {
+        h.push(("vary".into(), vary.join(", ")));
+    }
+    h
+}
+
+/// The headers of a local answer that is not a denial (CORS preflight 204): no body, so no
+/// content type; otherwise as a local reply.
+pub fn answer_headers(
+    cfg: &Config,
+    answer: &Answer,
+    extra: &[(String, String)],
+    vary: &[&str],
+) -> Vec<(String, String)> {
+    let mut h: Vec<(String, String)> = Vec::with_capacity(7 + answer.headers.len() + extra.len());
+    h.push(("cache-control".into(), "no-store".into()));
+    for (k, v) in &cfg.security_headers {
+        h.push((k.clone(), v.clone()));
+    }
+    for (k, v) in extra.iter().chain(answer.headers.iter()) {
         match h.iter_mut().find(|(hk, _)| hk == k) {
             Some(slot) => slot.1 = v.clone(),
             None => h.push((k.clone(), v.clone())),
@@ -223,6 +278,23 @@ mod tests {
             "vary".into(),
             "Accept-Encoding, origin".into()
         )));
+        let existing = vec![
+            ("vary".to_string(), "accept-encoding".to_string()),
+            ("vary".to_string(), "accept-language".to_string()),
+        ];
+        let ops = response_ops(&c, &existing, &[], &["origin"]);
+        assert!(ops.contains(&HeaderOp::Set(
+            "vary".into(),
+            "accept-encoding, accept-language, origin".into()
+        )));
+        let existing = vec![
+            ("vary".to_string(), "accept".to_string()),
+            ("vary".to_string(), "Origin".to_string()),
+        ];
+        let ops = response_ops(&c, &existing, &[], &["origin"]);
+        assert!(!ops
+            .iter()
+            .any(|o| matches!(o, HeaderOp::Set(k, _) if k == "vary")));
         let existing = vec![("vary".to_string(), "Origin, accept".to_string())];
         let ops = response_ops(&c, &existing, &[], &["origin"]);
         assert!(!ops

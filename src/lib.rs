@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod client_ip;
 pub mod config;
+pub mod cors;
 pub mod headers;
 pub mod identity;
 pub mod pipeline;

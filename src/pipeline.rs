@@ -88,10 +88,18 @@ pub enum Wait {
     Jwks { provider: usize, waiter: bool },
 }
 
+/// A successful local answer that is not a denial (the CORS preflight's 204): no body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub status: u32,
+    pub headers: Vec<(String, String)>,
+}
+
 /// The result of one stage.
 pub enum Step {
     Next,
     Reply(LocalReply),
+    Answer(Answer),
     Wait(Wait),
 }
 
@@ -107,6 +115,7 @@ pub struct UpstreamEdits {
 pub enum Verdict {
     Forward(UpstreamEdits),
     Reply(LocalReply),
+    Answer(Answer),
     Wait(Wait),
 }
 
@@ -172,6 +181,8 @@ pub fn on_request_headers(cfg: &Config, req: &Request, ex: &mut Exchange, env: &
     )
     .map(str::to_string);
     ex.request_id = req.header("x-request-id").map(str::to_string);
+    // Before anything can answer, so every reply (a 400 too) carries the CORS headers.
+    crate::cors::annotate(cfg, req, ex);
 
     let path = match routes::normalize(req.path) {
         Ok(p) => p,
@@ -201,7 +212,7 @@ pub fn on_request_headers(cfg: &Config, req: &Request, ex: &mut Exchange, env: &
 pub fn run(cfg: &Config, req: &Request, ex: &mut Exchange, env: &Env) -> Verdict {
     loop {
         let step = match ex.stage {
-            Stage::Cors => Step::Next,
+            Stage::Cors => crate::cors::stage(cfg, req, ex),
             Stage::PreAuthLimits => crate::ratelimit::stage::pre_auth(cfg, req, ex, env),
             Stage::Credentials => crate::auth::stage::credentials(cfg, req, ex, env),
             Stage::Scopes => crate::auth::stage::scopes(cfg, req, ex, env),
@@ -218,6 +229,10 @@ pub fn run(cfg: &Config, req: &Request, ex: &mut Exchange, env: &Env) -> Verdict
             Step::Reply(r) => {
                 ex.stage = Stage::Done;
                 return Verdict::Reply(r);
+            }
+            Step::Answer(a) => {
+                ex.stage = Stage::Done;
+                return Verdict::Answer(a);
             }
             Step::Wait(w) => return Verdict::Wait(w),
         }

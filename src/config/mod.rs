@@ -89,6 +89,8 @@ pub struct Config {
     pub needs_route_name: bool,
     /// Every header name the filter strips from client requests (identity + forwarded claims).
     pub stripped_request_headers: Vec<String>,
+    /// The compiled `cors` section; `None` when CORS is off.
+    pub cors: Option<crate::cors::CorsPolicy>,
     /// Compiled `webhooks` entries (keys decoded, replay tables sized).
     pub webhooks: crate::webhook::Webhooks,
     /// Compiled `rate_limits`; its `prepare` must run in `on_configure`.
@@ -365,6 +367,11 @@ pub fn compile(raw: RawConfig, env: EnvLookup<'_>) -> Result<(Config, Vec<Warnin
         }
     }
 
+    let cors = match &raw.cors {
+        Some(c) => Some(crate::cors::compile(c, &mut warnings)?),
+        None => None,
+    };
+
     if let Some(q) = &raw.quota {
         if !matches!(q.failure_mode.as_str(), "allow" | "deny") {
             return Err(ConfigError::new(
@@ -453,6 +460,7 @@ pub fn compile(raw: RawConfig, env: EnvLookup<'_>) -> Result<(Config, Vec<Warnin
             security_headers,
             needs_route_name,
             stripped_request_headers: stripped,
+            cors,
             webhooks,
             rate_limiter,
             auth,

@@ -56,6 +56,8 @@ pub fn now_ms() -> u64 {
 /// Counters in Envoy stats (`/stats`: `wasmcustom.api_guard.*`). Ids are per VM.
 pub struct Metrics {
     allowed: Option<u32>,
+    /// Requests the filter answered itself without denying them (CORS preflights).
+    answered: Option<u32>,
     denied: [Option<u32>; ErrorCode::ALL.len()],
     /// Per rate limit (by index): allowed, denied, shadow_denied, slot_pressure, contention.
     limits: Vec<[Option<u32>; 5]>,
@@ -98,6 +100,7 @@ impl Metrics {
             .collect();
         Self {
             allowed: counter("api_guard.allowed"),
+            answered: counter("api_guard.answered"),
             denied,
             limits,
         }
@@ -112,6 +115,12 @@ impl Metrics {
 
     pub fn allowed(&self) {
         if let Some(id) = self.allowed {
+            let _ = hostcalls::increment_metric(id, 1);
+        }
+    }
+
+    pub fn answered(&self) {
+        if let Some(id) = self.answered {
             let _ = hostcalls::increment_metric(id, 1);
         }
     }

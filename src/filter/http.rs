@@ -157,6 +157,22 @@ impl Http {
                 self.send_reply(&reply, method, path);
                 Action::Pause
             }
+            Verdict::Answer(answer) => {
+                self.metrics.answered();
+                let headers = headers::answer_headers(
+                    &self.config,
+                    &answer,
+                    &self.ex.response_headers,
+                    &self.ex.vary,
+                );
+                let refs: Vec<(&str, &str)> = headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                self.ex.replied = true;
+                self.send_http_response(answer.status, refs, None);
+                Action::Pause
+            }
             Verdict::Wait(Wait::Body) => self.feed_body(paused),
             Verdict::Wait(Wait::Jwks { provider, waiter }) => {
                 self.jwks_wait = Some((provider, waiter));
@@ -357,6 +373,7 @@ impl HttpContext for Http {
             match op {
                 HeaderOp::Add(k, v) => self.add_http_response_header(&k, &v),
                 HeaderOp::Set(k, v) => self.set_http_response_header(&k, Some(&v)),
+                HeaderOp::Remove(k) => self.set_http_response_header(&k, None),
             }
         }
         Action::Continue
