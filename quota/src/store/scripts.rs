@@ -117,7 +117,8 @@ if outcome == 0 then
   for i, q in ipairs(quotas) do
     used[i] = redis.call('HINCRBY', q[1], 'u', ARGV[2])
     redis.call('HSET', q[1], 'tier', tier)
-    redis.call('PEXPIREAT', q[1], q[3] + grace)
+    -- Relative to the service's clock, not Redis's: the period is the service's idea.
+    redis.call('PEXPIRE', q[1], q[3] - now + grace)
     local s = q[2]
     if type(s) == 'table' and s.limit > 0 then
       for _, th in ipairs(thresholds) do
