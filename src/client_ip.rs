@@ -2,9 +2,11 @@
 //!
 //! With `xff_trusted_hops = 0` the client is the downstream peer (`source.address`). With N > 0
 //! it is the Nth `x-forwarded-for` entry from the right, as Envoy's `xff_num_trusted_hops`
-//! counts them: over the header as it arrived. The shipped configs set `use_remote_address:
-//! true`, so Envoy appends the peer before the filter runs; that appended entry is skipped.
-//! Entries left of the trusted ones are client-controlled and never looked at.
+//! counts them: over the header as it arrived at Envoy. With the connection manager's
+//! `use_remote_address: true` (the shipped configs; `client_ip.use_remote_address`, default
+//! true, says so) Envoy appends one entry before the filter runs — the peer, or for a loopback
+//! peer Envoy's own local address — so the last entry is skipped. Entries left of the trusted
+//! ones are client-controlled and never looked at.
 
 /// Strips the port from `source.address` (`1.2.3.4:5678`, `[::1]:80`).
 pub fn strip_port(addr: &str) -> &str {
@@ -18,8 +20,14 @@ pub fn strip_port(addr: &str) -> &str {
     }
 }
 
-/// Returns the client IP. `xff` is the `x-forwarded-for` value, `peer` is `source.address`.
-pub fn resolve<'a>(trusted_hops: u32, xff: Option<&'a str>, peer: Option<&'a str>) -> Option<&'a str> {
+/// Returns the client IP. `xff` is the `x-forwarded-for` value, `peer` is `source.address`,
+/// `envoy_appended` says Envoy added the last `x-forwarded-for` entry itself.
+pub fn resolve<'a>(
+    trusted_hops: u32,
+    envoy_appended: bool,
+    xff: Option<&'a str>,
+    peer: Option<&'a str>,
+) -> Option<&'a str> {
     let peer_ip = peer.map(strip_port).filter(|p| !p.is_empty());
     if trusted_hops == 0 {
         return peer_ip;
@@ -30,12 +38,10 @@ pub fn resolve<'a>(trusted_hops: u32, xff: Option<&'a str>, peer: Option<&'a str
     };
     let mut entries = xff.rsplit(',').map(str::trim);
     let mut n = trusted_hops as usize;
-    let mut first = entries.next();
-    // Skip the peer address Envoy appended (use_remote_address: true).
-    if first.is_some() && first == peer_ip {
-        first = entries.next();
+    if envoy_appended {
+        entries.next();
     }
-    let mut cur = first;
+    let mut cur = entries.next();
     while n > 1 {
         cur = entries.next();
         n -= 1;
@@ -65,26 +71,52 @@ mod tests {
 
     #[test]
     fn zero_hops_uses_the_peer_whatever_xff_says() {
-        assert_eq!(resolve(0, Some("9.9.9.9"), Some("10.0.0.1:1234")), Some("10.0.0.1"));
-        assert_eq!(resolve(0, None, None), None);
+        assert_eq!(
+            resolve(0, true, Some("9.9.9.9"), Some("10.0.0.1:1234")),
+            Some("10.0.0.1")
+        );
+        assert_eq!(resolve(0, true, None, None), None);
     }
 
     #[test]
-    fn nth_from_the_right_skipping_envoys_appended_peer() {
-        // Client forged "6.6.6.6", the trusted LB (10.0.0.1) appended the real client 1.1.1.1,
-        // and Envoy appended the LB as peer.
+    fn nth_from_the_right_skipping_envoys_appended_entry() {
+        // Client forged "6.6.6.6", the trusted LB appended the real client 1.1.1.1, and Envoy
+        // appended the LB (10.0.0.1) as peer.
         let xff = "6.6.6.6, 1.1.1.1, 10.0.0.1";
-        assert_eq!(resolve(1, Some(xff), Some("10.0.0.1:5555")), Some("1.1.1.1"));
-        assert_eq!(resolve(2, Some(xff), Some("10.0.0.1:5555")), Some("6.6.6.6"));
-        // Without the appended peer (use_remote_address: false) the count starts at the end.
-        assert_eq!(resolve(1, Some("6.6.6.6, 1.1.1.1"), Some("10.0.0.9:1")), Some("1.1.1.1"));
+        assert_eq!(
+            resolve(1, true, Some(xff), Some("10.0.0.1:5555")),
+            Some("1.1.1.1")
+        );
+        assert_eq!(
+            resolve(2, true, Some(xff), Some("10.0.0.1:5555")),
+            Some("6.6.6.6")
+        );
+        // A loopback peer: Envoy appends its own local address, not the peer.
+        let xff = "6.6.6.6,1.1.1.1,192.0.2.2";
+        assert_eq!(
+            resolve(1, true, Some(xff), Some("127.0.0.1:5555")),
+            Some("1.1.1.1")
+        );
+        // use_remote_address: false: nothing appended, the count starts at the end.
+        assert_eq!(
+            resolve(1, false, Some("6.6.6.6, 1.1.1.1"), Some("10.0.0.9:1")),
+            Some("1.1.1.1")
+        );
     }
 
     #[test]
     fn too_few_entries_or_garbage_fall_back_to_the_peer() {
-        assert_eq!(resolve(3, Some("1.1.1.1, 10.0.0.1"), Some("10.0.0.1:1")), Some("10.0.0.1"));
-        assert_eq!(resolve(1, Some("not-an-ip, 10.0.0.1"), Some("10.0.0.1:1")), Some("10.0.0.1"));
-        assert_eq!(resolve(1, None, Some("10.0.0.1:1")), Some("10.0.0.1"));
-        assert_eq!(resolve(1, Some(""), Some("10.0.0.1:1")), Some("10.0.0.1"));
+        let peer = Some("10.0.0.1:1");
+        assert_eq!(
+            resolve(3, true, Some("1.1.1.1, 10.0.0.1"), peer),
+            Some("10.0.0.1")
+        );
+        assert_eq!(
+            resolve(1, true, Some("not-an-ip, 10.0.0.1"), peer),
+            Some("10.0.0.1")
+        );
+        assert_eq!(resolve(1, true, None, peer), Some("10.0.0.1"));
+        assert_eq!(resolve(1, true, Some("192.0.2.2"), peer), Some("10.0.0.1"));
+        assert_eq!(resolve(1, false, Some(""), peer), Some("10.0.0.1"));
     }
 }

@@ -5,9 +5,15 @@
 
 pub mod client_ip;
 pub mod config;
+pub mod headers;
 pub mod identity;
+pub mod pipeline;
+pub mod reply;
 pub mod routes;
 pub mod store;
+
+#[cfg(not(target_arch = "wasm32"))]
+pub mod echo;
 
 #[cfg(target_arch = "wasm32")]
 mod filter;

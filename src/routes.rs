@@ -200,7 +200,9 @@ pub fn compile_template(t: &str) -> Result<Vec<TemplateSegment>, String> {
             }
             out.push(TemplateSegment::Param);
         } else if seg.contains(['{', '}']) {
-            return Err(format!("segment '{seg}': a parameter must be a whole segment"));
+            return Err(format!(
+                "segment '{seg}': a parameter must be a whole segment"
+            ));
         } else if seg.is_empty() || seg == "." || seg == ".." {
             return Err("must be a normalized path (no empty, '.' or '..' segments)".into());
         } else {

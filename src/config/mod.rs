@@ -177,7 +177,10 @@ fn compile_policy(
             let mp = format!("{ap}.methods[{i}]");
             if m == "api_key" {
                 if raw.api_keys.is_none() {
-                    return Err(ConfigError::new(mp, "\"api_key\" needs an `api_keys` section"));
+                    return Err(ConfigError::new(
+                        mp,
+                        "\"api_key\" needs an `api_keys` section",
+                    ));
                 }
             } else if let Some(p) = m.strip_prefix("jwt:") {
                 if !raw.jwt_providers.contains_key(p) {
@@ -272,7 +275,8 @@ fn compile_matcher(path: &str, m: &MatchConfig) -> Result<Matcher, ConfigError> 
     }
     let rule = if let Some(p) = &m.path {
         PathMatch::Exact(
-            routes::check_config_path(p).map_err(|e| ConfigError::new(format!("{path}.path"), e))?,
+            routes::check_config_path(p)
+                .map_err(|e| ConfigError::new(format!("{path}.path"), e))?,
         )
     } else if let Some(p) = &m.prefix {
         PathMatch::Prefix(
@@ -321,7 +325,10 @@ pub fn compile(raw: RawConfig, env: EnvLookup<'_>) -> Result<(Config, Vec<Warnin
     ];
     for (name, p) in &raw.jwt_providers {
         for (claim, header) in &p.forward_claims {
-            check_header_name(&format!("jwt_providers.{name}.forward_claims.{claim}"), header)?;
+            check_header_name(
+                &format!("jwt_providers.{name}.forward_claims.{claim}"),
+                header,
+            )?;
             if !stripped.contains(header) {
                 stripped.push(header.clone());
             }
@@ -375,7 +382,10 @@ pub fn compile(raw: RawConfig, env: EnvLookup<'_>) -> Result<(Config, Vec<Warnin
     for (i, r) in raw.routes.iter().enumerate() {
         let path = format!("routes[{i}]");
         if r.name.is_empty() {
-            return Err(ConfigError::new(format!("{path}.name"), "must not be empty"));
+            return Err(ConfigError::new(
+                format!("{path}.name"),
+                "must not be empty",
+            ));
         }
         if raw.routes[..i].iter().any(|o| o.name == r.name) {
             return Err(ConfigError::new(
@@ -386,7 +396,13 @@ pub fn compile(raw: RawConfig, env: EnvLookup<'_>) -> Result<(Config, Vec<Warnin
         let matcher = compile_matcher(&format!("{path}.match"), &r.matcher)?;
         needs_route_name |= matches!(matcher.path, PathMatch::RouteName(_));
         let policy = compile_policy(
-            &raw, &path, &r.auth, &r.rate_limits, r.cost, r.quota, &r.webhook,
+            &raw,
+            &path,
+            &r.auth,
+            &r.rate_limits,
+            r.cost,
+            r.quota,
+            &r.webhook,
         )?;
         routes_out.push(Route {
             name: r.name.clone(),
@@ -450,7 +466,9 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_errors_with_their_path() {
-        let e = err(r#"{"routes":[{"name":"a","match":{"path":"/a"},"auth":{"mode":"none","scope_all":[]}}]}"#);
+        let e = err(
+            r#"{"routes":[{"name":"a","match":{"path":"/a"},"auth":{"mode":"none","scope_all":[]}}]}"#,
+        );
         assert_eq!(e.path, "routes[0].auth.scope_all");
         assert!(e.message.contains("scope_all"), "{e}");
         let e = err(r#"{"cors_typo": {}}"#);
@@ -490,7 +508,8 @@ mod tests {
             "routes[0].auth.methods[0]"
         );
         assert_eq!(
-            err(r#"{"routes":[{"name":"a","match":{"path":"/a"},"auth":{"mode":"sometimes"}}]}"#).path,
+            err(r#"{"routes":[{"name":"a","match":{"path":"/a"},"auth":{"mode":"sometimes"}}]}"#)
+                .path,
             "routes[0].auth.mode"
         );
         assert_eq!(
@@ -506,7 +525,12 @@ mod tests {
             &no_env,
         )
         .unwrap();
-        let get = |n: &str| c.security_headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
+        let get = |n: &str| {
+            c.security_headers
+                .iter()
+                .find(|(k, _)| k == n)
+                .map(|(_, v)| v.as_str())
+        };
         assert_eq!(get("x-frame-options"), Some("SAMEORIGIN"));
         assert_eq!(get("referrer-policy"), None);
         assert_eq!(get("content-security-policy"), Some("default-src 'none'"));
@@ -549,8 +573,15 @@ mod tests {
     #[test]
     fn hostile_documents_error_without_panicking() {
         for doc in [
-            "", "null", "[]", "{", "{\"routes\":{}}", "{\"routes\":[null]}",
-            "{\"routes\":[{\"name\":1}]}", "\u{0}", "{\"quota\":{\"cluster\":\"q\",\"failure_mode\":\"maybe\"}}",
+            "",
+            "null",
+            "[]",
+            "{",
+            "{\"routes\":{}}",
+            "{\"routes\":[null]}",
+            "{\"routes\":[{\"name\":1}]}",
+            "\u{0}",
+            "{\"quota\":{\"cluster\":\"q\",\"failure_mode\":\"maybe\"}}",
         ] {
             assert!(parse(doc.as_bytes(), &no_env).is_err(), "{doc:?}");
         }

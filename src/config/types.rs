@@ -33,11 +33,24 @@ pub struct RawConfig {
     pub default_route: Option<PolicyConfig>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientIpConfig {
     #[serde(default)]
     pub xff_trusted_hops: u32,
+    /// Extension: mirrors the connection manager's `use_remote_address` (true in the shipped
+    /// configs): Envoy then appends one `x-forwarded-for` entry that is not a client hop.
+    #[serde(default = "d_true")]
+    pub use_remote_address: bool,
+}
+
+impl Default for ClientIpConfig {
+    fn default() -> Self {
+        Self {
+            xff_trusted_hops: 0,
+            use_remote_address: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -250,7 +263,10 @@ pub struct CorsConfig {
     pub max_age_s: Option<u64>,
 }
 fn d_cors_methods() -> Vec<String> {
-    ["GET", "HEAD", "POST"].iter().map(|s| s.to_string()).collect()
+    ["GET", "HEAD", "POST"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
 }
 
 #[derive(Debug, Clone, Deserialize)]

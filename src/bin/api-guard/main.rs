@@ -1,1 +1,54 @@
-fn main() {}
+//! `api-guard`: the native companion of the filter.
+//!
+//! - `api-guard check CONFIG.json` validates a filter config with the filter's own code.
+//! - `api-guard demo-upstream [--listen ADDR]` runs the echo upstream used by `make run`.
+
+mod check;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "usage:
+  api-guard check CONFIG.json            validate a filter config (exit 0 = valid)
+  api-guard demo-upstream [--listen ADDR] echo upstream for the demo (default 127.0.0.1:8081)";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("check") => check::run(&args[1..]),
+        Some("demo-upstream") => demo_upstream(&args[1..]),
+        Some("-h" | "--help" | "help") => {
+            println!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        _ => {
+            eprintln!("{USAGE}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn demo_upstream(args: &[String]) -> ExitCode {
+    let listen = match args {
+        [] => "127.0.0.1:8081".to_string(),
+        [flag, addr] if flag == "--listen" => addr.clone(),
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match api_guard::echo::EchoServer::start(&listen) {
+        Ok(s) => {
+            println!(
+                "demo upstream: echoing requests as JSON on 127.0.0.1:{}",
+                s.port
+            );
+            loop {
+                std::thread::park();
+            }
+        }
+        Err(e) => {
+            eprintln!("demo upstream: cannot listen on {listen}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

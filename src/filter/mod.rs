@@ -1,0 +1,14 @@
+//! proxy-wasm glue: the only code that talks to Envoy. It reads the request once, hands it
+//! to [`crate::pipeline`], and carries out the verdict. No decisions are made here.
+
+mod host;
+mod http;
+mod root;
+
+use proxy_wasm::traits::RootContext;
+use proxy_wasm::types::LogLevel;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(root::Root::default()) });
+}}

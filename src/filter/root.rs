@@ -1,0 +1,49 @@
+//! Root context: owns the validated config (one per worker VM) and creates HTTP contexts.
+
+use super::host::Metrics;
+use super::http::Http;
+use crate::config::{self, Config};
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::ContextType;
+use std::rc::Rc;
+
+#[derive(Default)]
+pub struct Root {
+    config: Option<Rc<Config>>,
+    metrics: Option<Rc<Metrics>>,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let bytes = self.get_plugin_configuration().unwrap_or_default();
+        // `{"env": "NAME"}` secrets come from vm_config.environment_variables (WASI environ).
+        match config::parse(&bytes, &|name| std::env::var(name).ok()) {
+            Ok((cfg, warnings)) => {
+                for w in warnings {
+                    log::warn!("api-guard: config warning at `{}`: {}", w.path, w.message);
+                }
+                self.config = Some(Rc::new(cfg));
+                self.metrics = Some(Rc::new(Metrics::define()));
+                true
+            }
+            Err(e) => {
+                // Returning false makes Envoy reject the filter config (and refuse to start).
+                log::error!("api-guard: invalid configuration, refusing to start: {e}");
+                false
+            }
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Http::new(
+            self.config.clone()?,
+            self.metrics.clone()?,
+        )))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}

@@ -1,0 +1,234 @@
+//! Response headers: security defaults, `vary` merging, and the headers of local replies.
+//!
+//! Processing is idempotent (set-if-absent, replace, merge-if-missing) because a local reply
+//! may pass through the filter's own response callback as well.
+
+use crate::config::Config;
+use crate::reply::LocalReply;
+
+/// One change to make to the response header map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderOp {
+    /// Add a header that is not present.
+    Add(String, String),
+    /// Replace (or add) a header.
+    Set(String, String),
+}
+
+fn find<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+/// Whether a comma-separated header value already lists `token` (case-insensitive).
+pub fn list_contains(value: &str, token: &str) -> bool {
+    value
+        .split(',')
+        .any(|t| t.trim().eq_ignore_ascii_case(token) || t.trim() == "*")
+}
+
+/// The ops that turn an upstream (or local) response into what the client gets.
+///
+/// `extra` are the request's own response headers (rate-limit, CORS, quota); they replace
+/// upstream values of the same name. `vary` lists tokens to merge into `vary`.
+pub fn response_ops(
+    cfg: &Config,
+    existing: &[(String, String)],
+    extra: &[(String, String)],
+    vary: &[&str],
+) -> Vec<HeaderOp> {
+    let mut ops = Vec::with_capacity(cfg.security_headers.len() + extra.len() + 1);
+    for (name, value) in &cfg.security_headers {
+        if find(existing, name).is_none() {
+            ops.push(HeaderOp::Add(name.clone(), value.clone()));
+        }
+    }
+    for (name, value) in extra {
+        ops.push(HeaderOp::Set(name.clone(), value.clone()));
+    }
+    if !vary.is_empty() {
+        let current = find(existing, "vary");
+        let missing: Vec<&str> = vary
+            .iter()
+            .copied()
+            .filter(|t| !current.is_some_and(|c| list_contains(c, t)))
+            .collect();
+        if !missing.is_empty() {
+            let mut v = current.map(str::to_string).unwrap_or_default();
+            for t in missing {
+                if !v.is_empty() {
+                    v.push_str(", ");
+                }
+                v.push_str(t);
+            }
+            ops.push(HeaderOp::Set("vary".into(), v));
+        }
+    }
+    ops
+}
+
+/// The full header list of a local reply: JSON, no-store, security headers, the reply's own
+/// headers and the request's response headers.
+pub fn local_reply_headers(
+    cfg: &Config,
+    reply: &LocalReply,
+    extra: &[(String, String)],
+    vary: &[&str],
+) -> Vec<(String, String)> {
+    let mut h: Vec<(String, String)> = Vec::with_capacity(8 + reply.headers.len() + extra.len());
+    h.push(("content-type".into(), "application/json".into()));
+    h.push(("cache-control".into(), "no-store".into()));
+    for (k, v) in &cfg.security_headers {
+        h.push((k.clone(), v.clone()));
+    }
+    for (k, v) in extra.iter().chain(reply.headers.iter()) {
+        match h.iter_mut().find(|(hk, _)| hk == k) {
+            Some(slot) => slot.1 = v.clone(),
+            None => h.push((k.clone(), v.clone())),
+        }
+    }
+    if !vary.is_empty() {
+        h.push(("vary".into(), vary.join(", ")));
+    }
+    h
+}
+
+/// Escapes a string for a JSON log line without allocating a serde value.
+fn json_str(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// Facts for the one-line JSON deny log.
+pub struct DenyLog<'a> {
+    pub reply: &'a LocalReply,
+    pub route: &'a str,
+    pub client: Option<&'a str>,
+    pub ip: Option<&'a str>,
+    pub request_id: Option<&'a str>,
+    pub method: &'a str,
+    pub path: &'a str,
+}
+
+impl DenyLog<'_> {
+    pub fn line(&self) -> String {
+        let mut s = String::with_capacity(256);
+        s.push_str("{\"event\":\"api_guard.deny\",\"status\":");
+        s.push_str(&self.reply.status.to_string());
+        s.push_str(",\"reason\":");
+        json_str(&mut s, self.reply.code.as_str());
+        s.push_str(",\"message\":");
+        json_str(&mut s, &self.reply.message);
+        s.push_str(",\"route\":");
+        json_str(&mut s, self.route);
+        for (k, v) in [
+            ("policy", self.reply.policy.as_deref()),
+            ("client", self.client),
+            ("ip", self.ip),
+            ("request_id", self.request_id),
+        ] {
+            s.push_str(",\"");
+            s.push_str(k);
+            s.push_str("\":");
+            match v {
+                Some(v) => json_str(&mut s, v),
+                None => s.push_str("null"),
+            }
+        }
+        s.push_str(",\"method\":");
+        json_str(&mut s, self.method);
+        s.push_str(",\"path\":");
+        // Paths are attacker-controlled: cap what reaches the log.
+        let p = match self.path.char_indices().nth(512) {
+            Some((i, _)) => &self.path[..i],
+            None => self.path,
+        };
+        json_str(&mut s, p);
+        s.push('}');
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reply::ErrorCode;
+
+    fn cfg(json: &str) -> Config {
+        crate::config::parse(json.as_bytes(), &|_| None).unwrap().0
+    }
+
+    #[test]
+    fn security_headers_added_only_when_absent() {
+        let c = cfg("{}");
+        let existing = vec![("x-frame-options".to_string(), "SAMEORIGIN".to_string())];
+        let ops = response_ops(&c, &existing, &[], &[]);
+        assert_eq!(ops.len(), 4);
+        assert!(!ops
+            .iter()
+            .any(|o| matches!(o, HeaderOp::Add(k, _) if k == "x-frame-options")));
+    }
+
+    #[test]
+    fn vary_merges_once() {
+        let c = cfg("{}");
+        let existing = vec![("vary".to_string(), "Accept-Encoding".to_string())];
+        let ops = response_ops(&c, &existing, &[], &["origin"]);
+        assert!(ops.contains(&HeaderOp::Set(
+            "vary".into(),
+            "Accept-Encoding, origin".into()
+        )));
+        let existing = vec![("vary".to_string(), "Origin, accept".to_string())];
+        let ops = response_ops(&c, &existing, &[], &["origin"]);
+        assert!(!ops
+            .iter()
+            .any(|o| matches!(o, HeaderOp::Set(k, _) if k == "vary")));
+    }
+
+    #[test]
+    fn deny_log_is_valid_json_even_for_hostile_values() {
+        let r = LocalReply::new(ErrorCode::InvalidRequest, "bad \"path\"");
+        let path = format!("/a\"\\\u{1}{}", "x".repeat(2000));
+        let line = DenyLog {
+            reply: &r,
+            route: "r",
+            client: None,
+            ip: Some("1.2.3.4"),
+            request_id: Some("id"),
+            method: "GET",
+            path: &path,
+        }
+        .line();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["reason"], "invalid_request");
+        assert_eq!(v["client"], serde_json::Value::Null);
+        assert!(v["path"].as_str().unwrap().len() <= 520);
+    }
+
+    #[test]
+    fn local_reply_headers_are_json_no_store_and_secure() {
+        let c = cfg("{}");
+        let r = LocalReply::new(ErrorCode::InvalidToken, "x")
+            .with_header("www-authenticate", "Bearer error=\"invalid_token\"");
+        let h = local_reply_headers(&c, &r, &[], &["origin"]);
+        let get = |n: &str| h.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
+        assert_eq!(get("content-type"), Some("application/json"));
+        assert_eq!(get("cache-control"), Some("no-store"));
+        assert_eq!(get("x-content-type-options"), Some("nosniff"));
+        assert_eq!(
+            get("www-authenticate"),
+            Some("Bearer error=\"invalid_token\"")
+        );
+        assert_eq!(get("vary"), Some("origin"));
+    }
+}
