@@ -8,6 +8,7 @@ pub mod config;
 pub mod headers;
 pub mod identity;
 pub mod pipeline;
+pub mod quota_client;
 pub mod reply;
 pub mod routes;
 pub mod store;

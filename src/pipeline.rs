@@ -76,7 +76,10 @@ pub enum Stage {
 
 /// Something the glue must do before the pipeline can go on.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Wait {}
+pub enum Wait {
+    /// Call the quota service; store the result in `Exchange::quota` and run again.
+    Quota(crate::quota_client::QuotaCall),
+}
 
 /// The result of one stage.
 pub enum Step {
@@ -116,6 +119,8 @@ pub struct Exchange {
     pub vary: Vec<&'static str>,
     /// Set once a local reply was sent, so the response callback does not redo it.
     pub replied: bool,
+    /// The quota callout's result, set by the glue before re-running the quota stage.
+    pub quota: Option<crate::quota_client::QuotaOutcome>,
 }
 
 impl Exchange {
@@ -190,7 +195,7 @@ pub fn run(cfg: &Config, req: &Request, ex: &mut Exchange, env: &Env) -> Verdict
             Stage::Credentials => Step::Next,
             Stage::Scopes => Step::Next,
             Stage::ClientLimits => Step::Next,
-            Stage::Quota => Step::Next,
+            Stage::Quota => crate::quota_client::stage(cfg, req, ex, env),
             Stage::Webhook => Step::Next,
             Stage::Forward | Stage::Done => {
                 ex.stage = Stage::Done;

@@ -54,6 +54,9 @@ pub fn now_ms() -> u64 {
 /// Counters in Envoy stats (`/stats`: `wasmcustom.api_guard.*`). Ids are per VM.
 pub struct Metrics {
     allowed: Option<u32>,
+    /// Quota callouts that failed (timeout, error, unreadable answer) or were skipped by the
+    /// open circuit breaker: `failure_mode` was applied.
+    quota_failed: Option<u32>,
     denied: [Option<u32>; ErrorCode::ALL.len()],
 }
 
@@ -69,12 +72,19 @@ impl Metrics {
         }
         Self {
             allowed: counter("api_guard.allowed"),
+            quota_failed: counter("api_guard.quota.unavailable"),
             denied,
         }
     }
 
     pub fn allowed(&self) {
         if let Some(id) = self.allowed {
+            let _ = hostcalls::increment_metric(id, 1);
+        }
+    }
+
+    pub fn quota_failed(&self) {
+        if let Some(id) = self.quota_failed {
             let _ = hostcalls::increment_metric(id, 1);
         }
     }

@@ -3,24 +3,126 @@
 use super::host::{self, now_ms, Metrics, ProxyStore};
 use crate::config::Config;
 use crate::headers::{self, DenyLog, HeaderOp};
-use crate::pipeline::{self, Env, Exchange, Request, Verdict};
+use crate::pipeline::{self, Env, Exchange, Request, Verdict, Wait};
+use crate::quota_client::{self, Breaker, Permit, QuotaCall, QuotaOutcome};
 use crate::reply::LocalReply;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
+use std::cell::RefCell;
 use std::rc::Rc;
+use std::time::Duration;
 
 pub struct Http {
     config: Rc<Config>,
     metrics: Rc<Metrics>,
+    /// The quota callout's circuit breaker, shared by the VM's requests.
+    breaker: Rc<RefCell<Breaker>>,
     ex: Exchange,
 }
 
+/// The request as read from the host, owned so it can be re-read after a callout.
+struct ReadRequest {
+    headers: Vec<(String, String)>,
+    source: Option<String>,
+    route_name: Option<String>,
+    method: String,
+    path: String,
+}
+
+impl ReadRequest {
+    fn as_request(&self) -> Request<'_> {
+        Request {
+            method: &self.method,
+            path: &self.path,
+            headers: &self.headers,
+            source_address: self.source.as_deref(),
+            route_name: self.route_name.as_deref(),
+        }
+    }
+}
+
 impl Http {
-    pub fn new(config: Rc<Config>, metrics: Rc<Metrics>) -> Self {
+    pub fn new(config: Rc<Config>, metrics: Rc<Metrics>, breaker: Rc<RefCell<Breaker>>) -> Self {
         Self {
             config,
             metrics,
+            breaker,
             ex: Exchange::default(),
+        }
+    }
+
+    /// One host call for the whole map: cheaper than several single-header reads, and the
+    /// only way to see repeated headers. The `_bytes` variant: the String one panics (VM
+    /// abort) on a header value that is not UTF-8.
+    fn read_request(&self) -> ReadRequest {
+        let headers = host::utf8_headers(self.get_http_request_headers_bytes());
+        let source = self.property(&["source", "address"]);
+        let route_name = if self.config.needs_route_name {
+            self.property(&["xds", "route_name"])
+        } else {
+            None
+        };
+        let find = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()
+        };
+        let (method, path) = (find(":method"), find(":path"));
+        ReadRequest {
+            headers,
+            source,
+            route_name,
+            method,
+            path,
+        }
+    }
+
+    /// Runs the pipeline again from the current stage (after a wait) and acts on it.
+    /// `paused`: whether `on_http_request_headers` already returned `Pause`.
+    fn rerun(&mut self, paused: bool) -> Action {
+        let r = self.read_request();
+        let store = ProxyStore;
+        let env = Env {
+            now_ms: now_ms(),
+            store: &store,
+        };
+        let config = Rc::clone(&self.config);
+        let verdict = pipeline::run(&config, &r.as_request(), &mut self.ex, &env);
+        self.act(verdict, &r.method, &r.path, paused)
+    }
+
+    /// Starts the quota callout, or fails at once when the breaker is open or the callout
+    /// cannot be dispatched (so the request never hangs on a dead service).
+    fn call_quota(&mut self, call: QuotaCall, paused: bool) -> Action {
+        let now = now_ms();
+        let failed = match self.breaker.borrow_mut().permit(now) {
+            Permit::Skip => Some("circuit breaker open".to_string()),
+            Permit::Call => match self.dispatch_http_call(
+                &call.cluster,
+                call.headers().to_vec(),
+                Some(&call.body),
+                vec![],
+                Duration::from_millis(call.timeout_ms),
+            ) {
+                Ok(_) => None,
+                Err(e) => {
+                    self.breaker.borrow_mut().record(false, now);
+                    Some(format!(
+                        "callout to cluster '{}' failed: {e:?}",
+                        call.cluster
+                    ))
+                }
+            },
+        };
+        match failed {
+            None => Action::Pause,
+            Some(why) => {
+                self.metrics.quota_failed();
+                self.ex.quota = Some(QuotaOutcome::Failed(why));
+                self.rerun(paused)
+            }
         }
     }
 
@@ -52,7 +154,7 @@ impl Http {
                 self.send_reply(&reply, method, path);
                 Action::Pause
             }
-            Verdict::Wait(w) => match w {},
+            Verdict::Wait(Wait::Quota(call)) => self.call_quota(call, paused),
         }
     }
 
@@ -83,45 +185,59 @@ impl Http {
     }
 }
 
-impl Context for Http {}
+impl Context for Http {
+    fn on_http_call_response(
+        &mut self,
+        _token: u32,
+        num_headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        let now = now_ms();
+        // No headers: Envoy's way of reporting a timeout or a reset.
+        let outcome = if num_headers == 0 {
+            Err("no answer within timeout_ms (or connection reset)".to_string())
+        } else if body_size > quota_client::MAX_ANSWER_BYTES {
+            Err("answer too large".to_string())
+        } else {
+            let status = self
+                .get_http_call_response_headers_bytes()
+                .into_iter()
+                .find(|(k, _)| k == ":status")
+                .and_then(|(_, v)| {
+                    std::str::from_utf8(&v)
+                        .ok()
+                        .and_then(|s| s.parse::<u32>().ok())
+                })
+                .unwrap_or(0);
+            let body = self
+                .get_http_call_response_body(0, body_size)
+                .unwrap_or_default();
+            quota_client::parse_answer(status, &body)
+        };
+        self.breaker.borrow_mut().record(outcome.is_ok(), now);
+        self.ex.quota = Some(match outcome {
+            Ok(a) => QuotaOutcome::Answered(a),
+            Err(why) => {
+                self.metrics.quota_failed();
+                QuotaOutcome::Failed(why)
+            }
+        });
+        let _ = self.rerun(true);
+    }
+}
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        // One host call for the whole map: cheaper than several single-header reads, and the
-        // only way to see repeated headers. The `_bytes` variant: the String one panics (VM
-        // abort) on a header value that is not UTF-8.
-        let headers = host::utf8_headers(self.get_http_request_headers_bytes());
-        let source = self.property(&["source", "address"]);
-        let route_name = if self.config.needs_route_name {
-            self.property(&["xds", "route_name"])
-        } else {
-            None
-        };
-        let method = headers
-            .iter()
-            .find(|(k, _)| k == ":method")
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default();
-        let path = headers
-            .iter()
-            .find(|(k, _)| k == ":path")
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default();
-        let req = Request {
-            method: &method,
-            path: &path,
-            headers: &headers,
-            source_address: source.as_deref(),
-            route_name: route_name.as_deref(),
-        };
+        let r = self.read_request();
         let store = ProxyStore;
         let env = Env {
             now_ms: now_ms(),
             store: &store,
         };
         let config = Rc::clone(&self.config);
-        let verdict = pipeline::on_request_headers(&config, &req, &mut self.ex, &env);
-        self.act(verdict, &method, &path, false)
+        let verdict = pipeline::on_request_headers(&config, &r.as_request(), &mut self.ex, &env);
+        self.act(verdict, &r.method, &r.path, false)
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {

@@ -2,15 +2,18 @@
 
 use super::host::Metrics;
 use super::http::Http;
-use crate::config::{self, Config};
+use crate::config::{self, BreakerConfig, Config};
+use crate::quota_client::Breaker;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
+use std::cell::RefCell;
 use std::rc::Rc;
 
 #[derive(Default)]
 pub struct Root {
     config: Option<Rc<Config>>,
     metrics: Option<Rc<Metrics>>,
+    breaker: Option<Rc<RefCell<Breaker>>>,
 }
 
 impl Context for Root {}
@@ -24,6 +27,13 @@ impl RootContext for Root {
                 for w in warnings {
                     log::warn!("api-guard: config warning at `{}`: {}", w.path, w.message);
                 }
+                let breaker = cfg
+                    .raw
+                    .quota
+                    .as_ref()
+                    .map(|q| q.breaker.clone())
+                    .unwrap_or_else(BreakerConfig::default);
+                self.breaker = Some(Rc::new(RefCell::new(Breaker::new(&breaker))));
                 self.config = Some(Rc::new(cfg));
                 self.metrics = Some(Rc::new(Metrics::define()));
                 true
@@ -40,6 +50,7 @@ impl RootContext for Root {
         Some(Box::new(Http::new(
             self.config.clone()?,
             self.metrics.clone()?,
+            self.breaker.clone()?,
         )))
     }
 
