@@ -97,7 +97,10 @@ impl Http {
     /// cannot be dispatched (so the request never hangs on a dead service).
     fn call_quota(&mut self, call: QuotaCall, paused: bool) -> Action {
         let now = now_ms();
-        let failed = match self.breaker.borrow_mut().permit(now) {
+        // Bind the permit first: a RefCell guard in the match scrutinee would live through
+        // the arms, and `record` below borrows again (a double borrow aborts the VM).
+        let permit = self.breaker.borrow_mut().permit(now);
+        let failed = match permit {
             Permit::Skip => Some("circuit breaker open".to_string()),
             Permit::Call => match self.dispatch_http_call(
                 &call.cluster,
