@@ -8,10 +8,24 @@ use std::time::{Duration, Instant};
 #[tokio::main]
 async fn main() {
     let mut args = std::env::args().skip(1);
-    let base = args.next().unwrap_or_else(|| "http://127.0.0.1:8081".into());
-    let secs: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(5).min(60);
-    let conc: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(16).clamp(1, 256);
-    let host = base.trim_start_matches("http://").split('/').next().unwrap_or("");
+    let base = args
+        .next()
+        .unwrap_or_else(|| "http://127.0.0.1:8081".into());
+    let secs: u64 = args
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5)
+        .min(60);
+    let conc: usize = args
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(16)
+        .clamp(1, 256);
+    let host = base
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap_or("");
     if !(host.starts_with("127.") || host.starts_with("localhost") || host.starts_with("[::1]")) {
         eprintln!("refusing to load a non-loopback address: {base}");
         std::process::exit(2);
@@ -34,7 +48,13 @@ async fn main() {
                 );
                 i += 1;
                 let t = Instant::now();
-                match http.post(&url).header("content-type", "application/json").body(body).send().await {
+                match http
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                {
                     Ok(r) if r.status() == 200 => {
                         let _ = r.bytes().await;
                         lat.push(t.elapsed().as_micros() as u32);
@@ -54,7 +74,11 @@ async fn main() {
         }
     }
     all.sort_unstable();
-    let pct = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0);
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
     println!(
         "decisions/s {:.0}  p50 {} us  p99 {} us  max {} us  ({} ok, {} errors, {} s, {} connections)",
         all.len() as f64 / secs as f64,

@@ -401,7 +401,47 @@ macro_rules! suite {
                 }
             )*
         }
+        mod cluster {
+            use api_guard_quota::store::redis::RedisStore;
+            use std::time::Duration;
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let c = super::common::RedisCluster::start();
+                    let s = RedisStore::connect(&c.url(), Duration::from_secs(5)).await.expect("connect");
+                    super::$case(&s).await;
+                }
+            )*
+        }
     };
+}
+
+/// Many clients on a 3-node Cluster: each client's keys stay in its slot (hash tag), and the
+/// clients spread over all nodes.
+#[tokio::test]
+async fn cluster_spreads_clients_over_nodes() {
+    use api_guard_quota::store::redis::RedisStore;
+    let c = common::RedisCluster::start();
+    let s = RedisStore::connect(&c.url(), std::time::Duration::from_secs(5))
+        .await
+        .unwrap();
+    let p = Policy {
+        limit: bucket(2, 1, 60),
+        daily: quota(5, OveragePolicy::Overage, None),
+        monthly: quota(50, OveragePolicy::Overage, None),
+    };
+    for i in 0..60 {
+        let client = format!("client-{i}");
+        assert_eq!(chk(&s, &client, &p, 1, T0).await.outcome, Outcome::Allowed);
+        assert_eq!(
+            chk(&s, &client, &p, 2, T0).await.outcome,
+            Outcome::RateLimited
+        );
+    }
+    let counts = c.key_counts();
+    assert!(counts.iter().all(|&n| n > 0), "keys per node: {counts:?}");
+    // 3 keys per client (bucket, day, month), wherever they live.
+    assert_eq!(counts.iter().sum::<u64>(), 180);
 }
 
 suite!(

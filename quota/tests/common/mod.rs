@@ -115,6 +115,135 @@ impl Drop for RedisServer {
     }
 }
 
+/// Three `redis-server` masters forming a Redis Cluster (slots split by `redis-cli --cluster
+/// create`), for the Cluster variant of the store suite.
+pub struct RedisCluster {
+    nodes: Vec<(u16, tempfile::TempDir, Child)>,
+}
+
+fn cluster_port() -> u16 {
+    // The cluster bus listens on port + 10000: pick ports where both are free.
+    loop {
+        let p = free_port();
+        if p < 55_000 && TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
+            return p;
+        }
+    }
+}
+
+impl RedisCluster {
+    pub fn start() -> Self {
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            let port = cluster_port();
+            let dir = tempfile::tempdir().expect("tempdir");
+            let child = Command::new(redis_server_bin())
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                ])
+                .args([
+                    "--appendonly",
+                    "no",
+                    "--cluster-enabled",
+                    "yes",
+                    "--protected-mode",
+                    "no",
+                ])
+                .arg("--cluster-config-file")
+                .arg(dir.path().join("nodes.conf"))
+                .arg("--dir")
+                .arg(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start redis-server (cluster mode)");
+            nodes.push((port, dir, child));
+        }
+        let c = Self { nodes };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for (port, _, _) in &c.nodes {
+            while !redis_ping(*port) {
+                assert!(
+                    Instant::now() < deadline,
+                    "cluster node {port} did not start"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let cli = find_on_path("redis-cli").expect("redis-cli (package redis-tools) on PATH");
+        let mut create = Command::new(cli.clone());
+        create.arg("--cluster").arg("create");
+        for (port, _, _) in &c.nodes {
+            create.arg(format!("127.0.0.1:{port}"));
+        }
+        let out = create
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for (port, _, _) in &c.nodes {
+            loop {
+                let info = Command::new(&cli)
+                    .args(["-p", &port.to_string(), "cluster", "info"])
+                    .output()
+                    .expect("redis-cli cluster info");
+                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "cluster not ok on {port}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        c
+    }
+
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|(p, _, _)| format!("127.0.0.1:{p}"))
+            .collect();
+        format!("redis+cluster://{}", hosts.join(","))
+    }
+
+    /// Keys held by each node (to show that clients spread over the slots).
+    pub fn key_counts(&self) -> Vec<u64> {
+        let cli = find_on_path("redis-cli").expect("redis-cli");
+        self.nodes
+            .iter()
+            .map(|(p, _, _)| {
+                let out = Command::new(&cli)
+                    .args(["-p", &p.to_string(), "dbsize"])
+                    .output()
+                    .expect("dbsize");
+                String::from_utf8_lossy(&out.stdout)
+                    .trim()
+                    .parse()
+                    .unwrap_or(0)
+            })
+            .collect()
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for (_, _, c) in &mut self.nodes {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// A raw RESP PING, so the helper needs no client library state.
 fn redis_ping(port: u16) -> bool {
     use std::io::{Read, Write};
