@@ -364,7 +364,9 @@ async fn check(
         });
     }
     if d.outcome != Outcome::Allowed {
-        tracing::info!(
+        // Debug, not info: a client hammering a spent quota must not flood the logs; the
+        // decisions counter shows denials at any level.
+        tracing::debug!(
             client = %req.client, tier = %d.tier, route = req.route.as_deref().unwrap_or("-"),
             outcome = ?outcome_label(&d), "denied"
         );
