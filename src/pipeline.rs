@@ -14,6 +14,7 @@ use crate::identity::Identity;
 use crate::reply::{ErrorCode, LocalReply};
 use crate::routes;
 use crate::store::SharedStore;
+use crate::webhook::stage::{self as webhook_stage, BodyStep, WebhookState};
 
 /// The request as the glue read it (header names lower-case, as Envoy gives them).
 pub struct Request<'a> {
@@ -77,6 +78,9 @@ pub enum Stage {
 /// Something the glue must do before the pipeline can go on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Wait {
+    /// Hold the request and feed its body to [`on_request_body`] as it arrives (webhook
+    /// signatures cover the body); forward nothing until that says so.
+    Body,
     /// Call the quota service; store the result in `Exchange::quota` and run again.
     Quota(crate::quota_client::QuotaCall),
 }
@@ -119,6 +123,10 @@ pub struct Exchange {
     pub vary: Vec<&'static str>,
     /// Set once a local reply was sent, so the response callback does not redo it.
     pub replied: bool,
+    /// The webhook signature check (SPEC section 4).
+    pub webhook: WebhookState,
+    /// Rate-limit bookkeeping between the two limit stages, and events for stats.
+    pub ratelimit: crate::ratelimit::stage::LimitState,
     /// The quota callout's result, set by the glue before re-running the quota stage.
     pub quota: Option<crate::quota_client::QuotaOutcome>,
 }
@@ -191,12 +199,12 @@ pub fn run(cfg: &Config, req: &Request, ex: &mut Exchange, env: &Env) -> Verdict
     loop {
         let step = match ex.stage {
             Stage::Cors => Step::Next,
-            Stage::PreAuthLimits => Step::Next,
+            Stage::PreAuthLimits => crate::ratelimit::stage::pre_auth(cfg, req, ex, env),
             Stage::Credentials => Step::Next,
             Stage::Scopes => Step::Next,
-            Stage::ClientLimits => Step::Next,
+            Stage::ClientLimits => crate::ratelimit::stage::client(cfg, req, ex, env),
             Stage::Quota => crate::quota_client::stage(cfg, req, ex, env),
-            Stage::Webhook => Step::Next,
+            Stage::Webhook => webhook_stage::run(cfg, req, ex, env),
             Stage::Forward | Stage::Done => {
                 ex.stage = Stage::Done;
                 return Verdict::Forward(upstream_edits(cfg, req, ex, env));
@@ -209,6 +217,40 @@ pub fn run(cfg: &Config, req: &Request, ex: &mut Exchange, env: &Env) -> Verdict
                 return Verdict::Reply(r);
             }
             Step::Wait(w) => return Verdict::Wait(w),
+        }
+    }
+}
+
+/// Whether the pipeline waits for the request body (after [`Wait::Body`]).
+pub fn waits_for_body(ex: &Exchange) -> bool {
+    webhook_stage::waits_for_body(ex)
+}
+
+/// What the glue does after [`on_request_body`].
+#[derive(Debug)]
+pub enum BodyVerdict {
+    /// Keep holding and buffering the request; more body is expected.
+    More,
+    /// The body check passed: call [`run`] to go on (it may forward, reply or wait again).
+    Continue,
+    Reply(LocalReply),
+}
+
+/// Feeds body bytes that arrived since the last call (`chunk` may be empty) to the stage
+/// waiting for the body; `end_of_stream` finishes the check.
+pub fn on_request_body(
+    ex: &mut Exchange,
+    chunk: &[u8],
+    end_of_stream: bool,
+    env: &Env,
+) -> BodyVerdict {
+    match webhook_stage::on_body(ex, chunk, end_of_stream, env) {
+        BodyStep::More => BodyVerdict::More,
+        // The stage sees `Verified` when `run` re-enters it.
+        BodyStep::Continue => BodyVerdict::Continue,
+        BodyStep::Reply(r) => {
+            ex.stage = Stage::Done;
+            BodyVerdict::Reply(r)
         }
     }
 }

@@ -173,8 +173,8 @@ pub fn stage(cfg: &Config, _req: &Request, ex: &mut Exchange, _env: &Env) -> Ste
                 timeout_ms: qc.timeout_ms,
             }))
         }
-        Some(QuotaOutcome::Answered(Answer::Allow { remaining, headers })) => {
-            merge_headers(&mut ex.response_headers, remaining, headers);
+        Some(QuotaOutcome::Answered(Answer::Allow { headers, .. })) => {
+            merge_headers(&mut ex.response_headers, headers);
             Step::Next
         }
         Some(QuotaOutcome::Answered(Answer::Deny {
@@ -212,25 +212,37 @@ pub fn stage(cfg: &Config, _req: &Request, ex: &mut Exchange, _env: &Env) -> Ste
     }
 }
 
-/// Adds the service's headers to the client's response. The IETF `ratelimit` pair describes
-/// one limit, the one with the least remaining (SPEC section 3): the service's replaces a
-/// local limit's only when it has less remaining.
-fn merge_headers(
-    out: &mut Vec<(String, String)>,
-    remaining: Option<u64>,
-    headers: Vec<(String, String)>,
-) {
-    let local_remaining = out
+/// The rate-limit headers that describe one limit together (SPEC section 3).
+const RATELIMIT_HEADERS: [&str; 5] = [
+    "ratelimit-policy",
+    "ratelimit",
+    "x-ratelimit-limit",
+    "x-ratelimit-remaining",
+    "x-ratelimit-reset",
+];
+
+fn remaining_in(headers: &[(String, String)]) -> Option<u64> {
+    headers
         .iter()
         .find(|(k, _)| k == "x-ratelimit-remaining")
-        .and_then(|(_, v)| v.parse::<u64>().ok());
-    let service_wins = match (local_remaining, remaining) {
-        (None, _) => true,
-        (Some(l), Some(r)) => r < l,
-        (Some(_), None) => false,
+        .and_then(|(_, v)| v.parse::<u64>().ok())
+}
+
+/// Adds the service's headers to the client's response. The rate-limit headers describe one
+/// limit, the one with the least remaining (SPEC section 3): the service's global bucket
+/// replaces a local limit's set only when it has less remaining; the `x-quota-*` headers are
+/// always added.
+fn merge_headers(out: &mut Vec<(String, String)>, headers: Vec<(String, String)>) {
+    let service_wins = match (remaining_in(out), remaining_in(&headers)) {
+        (_, None) => false,
+        (None, Some(_)) => true,
+        (Some(local), Some(service)) => service < local,
     };
+    if service_wins {
+        out.retain(|(k, _)| !RATELIMIT_HEADERS.contains(&k.as_str()));
+    }
     for (k, v) in headers {
-        if (k == "ratelimit" || k == "ratelimit-policy") && !service_wins {
+        if RATELIMIT_HEADERS.contains(&k.as_str()) && !service_wins {
             continue;
         }
         match out.iter_mut().find(|(hk, _)| *hk == k) {
@@ -412,22 +424,37 @@ mod tests {
 
     #[test]
     fn service_ratelimit_headers_replace_local_ones_only_when_tighter() {
-        let mut out = vec![
-            ("ratelimit".to_string(), "\"local\";r=5;t=1".to_string()),
-            ("x-ratelimit-remaining".to_string(), "5".to_string()),
-        ];
-        let svc = vec![
-            (
-                "ratelimit".to_string(),
-                "\"quota-global\";r=9;t=1".to_string(),
-            ),
-            ("x-quota-remaining".to_string(), "9".to_string()),
-        ];
-        merge_headers(&mut out, Some(9), svc.clone());
-        assert_eq!(out[0].1, "\"local\";r=5;t=1");
-        assert!(out.iter().any(|(k, _)| k == "x-quota-remaining"));
-        merge_headers(&mut out, Some(2), svc);
-        assert_eq!(out[0].1, "\"quota-global\";r=9;t=1");
+        let h = |list: &[(&str, &str)]| -> Vec<(String, String)> {
+            list.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let local = h(&[
+            ("ratelimit-policy", "\"local\";q=10;w=60"),
+            ("ratelimit", "\"local\";r=5;t=30"),
+            ("x-ratelimit-remaining", "5"),
+        ]);
+        let svc = |r: &str| {
+            h(&[
+                ("ratelimit", "\"quota-global\";r=X;t=1"),
+                ("x-ratelimit-remaining", r),
+                ("x-quota-remaining", "9"),
+            ])
+        };
+        let mut out = local.clone();
+        merge_headers(&mut out, svc("9"));
+        assert_eq!(out[1].1, "\"local\";r=5;t=30", "local limit is tighter");
+        assert!(out.contains(&("x-quota-remaining".into(), "9".into())));
+        let mut out = local.clone();
+        merge_headers(&mut out, svc("2"));
+        assert!(out.contains(&("ratelimit".into(), "\"quota-global\";r=X;t=1".into())));
+        assert!(
+            !out.iter().any(|(k, _)| k == "ratelimit-policy"),
+            "no mix of two limits' headers"
+        );
+        let mut out = Vec::new();
+        merge_headers(&mut out, svc("7"));
+        assert_eq!(out.len(), 3);
     }
 
     fn cfg(mode: &str) -> Config {

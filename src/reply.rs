@@ -83,6 +83,8 @@ pub struct LocalReply {
     pub headers: Vec<(String, String)>,
     /// The policy that denied (limit name, provider, webhook ...), for the deny log.
     pub policy: Option<String>,
+    /// The bucket key that denied (rate limits), for the deny log; never sent to the client.
+    pub key: Option<String>,
 }
 
 impl LocalReply {
@@ -94,6 +96,7 @@ impl LocalReply {
             fields: Vec::new(),
             headers: Vec::new(),
             policy: None,
+            key: None,
         }
     }
 
@@ -109,6 +112,11 @@ impl LocalReply {
 
     pub fn with_policy(mut self, policy: impl Into<String>) -> Self {
         self.policy = Some(policy.into());
+        self
+    }
+
+    pub fn with_key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
         self
     }
 

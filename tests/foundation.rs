@@ -291,9 +291,7 @@ fn shipped_envoy_configs_validate_and_match_their_json() {
 
     // The demo filter config inline in demo.yaml is the same document as demo-filter.json.
     let yaml = std::fs::read_to_string(repo.join("envoy/demo.yaml")).unwrap();
-    let start = yaml.find("value: |").unwrap() + "value: |".len();
-    let end = yaml[start..].find("vm_config:").unwrap() + start;
-    let inline: serde_json::Value = serde_json::from_str(yaml[start..end].trim()).unwrap();
+    let inline: serde_json::Value = serde_json::from_str(&block_scalar(&yaml, "value: |")).unwrap();
     let file: serde_json::Value =
         serde_json::from_slice(&std::fs::read(repo.join("envoy/demo-filter.json")).unwrap())
             .unwrap();
@@ -351,4 +349,16 @@ fn non_utf8_header_bytes_do_not_crash_the_filter() {
         .send();
     assert_eq!(r.status, 200);
     assert!(!envoy.logs().contains("panicked"), "the wasm VM panicked");
+}
+
+/// The text of the YAML block scalar introduced by `key` (`value: |`): the following lines
+/// indented deeper than the key's line.
+fn block_scalar(yaml: &str, key: &str) -> String {
+    let mut lines = yaml.lines().skip_while(|l| !l.trim_end().ends_with(key));
+    let key_line = lines.next().expect("block scalar key");
+    let key_indent = key_line.len() - key_line.trim_start().len();
+    lines
+        .take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() > key_indent)
+        .collect::<Vec<_>>()
+        .join("\n")
 }

@@ -226,6 +226,9 @@ fn build_response(d: &Decision, p: &Periods, now: u64) -> CheckResponse {
             "ratelimit",
             format!("\"{name}\";r={};t={full_s}", b.remaining),
         );
+        headers.insert("x-ratelimit-limit", b.capacity.to_string());
+        headers.insert("x-ratelimit-remaining", b.remaining.to_string());
+        headers.insert("x-ratelimit-reset", (now / 1000 + full_s).to_string());
         remaining = Some((b.remaining, full_s));
     }
     if let Some((_, limit, rem, end)) = tightest_quota(d, p) {

@@ -65,6 +65,8 @@ pub struct Policy {
     pub cost: u64,
     pub quota: bool,
     pub webhook: Option<String>,
+    /// `rate_limits` resolved and split into pre-auth / post-auth stages.
+    pub limits: crate::ratelimit::RoutePlan,
 }
 
 #[derive(Debug, Clone)]
@@ -87,6 +89,10 @@ pub struct Config {
     pub needs_route_name: bool,
     /// Every header name the filter strips from client requests (identity + forwarded claims).
     pub stripped_request_headers: Vec<String>,
+    /// Compiled `webhooks` entries (keys decoded, replay tables sized).
+    pub webhooks: crate::webhook::Webhooks,
+    /// Compiled `rate_limits`; its `prepare` must run in `on_configure`.
+    pub rate_limiter: crate::ratelimit::RateLimiter,
     pub raw: RawConfig,
 }
 
@@ -239,6 +245,7 @@ fn compile_policy(
         cost: cost.unwrap_or(1),
         quota,
         webhook: webhook.clone(),
+        limits: Default::default(),
     })
 }
 
@@ -383,11 +390,10 @@ pub fn compile(raw: RawConfig, env: EnvLookup<'_>) -> Result<(Config, Vec<Warnin
         }
     }
 
-    for (name, w) in &raw.webhooks {
-        for (i, s) in w.secrets.iter().enumerate() {
-            resolve_secret(s, &format!("webhooks.{name}.secrets[{i}]"), env)?;
-        }
-    }
+    let (webhooks, webhook_warnings) = crate::webhook::compile(&raw.webhooks, env)?;
+    warnings.extend(webhook_warnings);
+
+    let rate_limiter = crate::ratelimit::RateLimiter::compile(&raw, &mut warnings)?;
 
     let mut routes_out = Vec::with_capacity(raw.routes.len());
     let mut needs_route_name = false;
@@ -407,7 +413,7 @@ pub fn compile(raw: RawConfig, env: EnvLookup<'_>) -> Result<(Config, Vec<Warnin
         }
         let matcher = compile_matcher(&format!("{path}.match"), &r.matcher)?;
         needs_route_name |= matches!(matcher.path, PathMatch::RouteName(_));
-        let policy = compile_policy(
+        let mut policy = compile_policy(
             &raw,
             &path,
             &r.auth,
@@ -416,6 +422,7 @@ pub fn compile(raw: RawConfig, env: EnvLookup<'_>) -> Result<(Config, Vec<Warnin
             r.quota,
             &r.webhook,
         )?;
+        policy.limits = rate_limiter.plan(&path, &policy.rate_limits, policy.cost)?;
         routes_out.push(Route {
             name: r.name.clone(),
             matcher,
@@ -423,15 +430,19 @@ pub fn compile(raw: RawConfig, env: EnvLookup<'_>) -> Result<(Config, Vec<Warnin
         });
     }
     let default_route = match &raw.default_route {
-        Some(d) => Some(compile_policy(
-            &raw,
-            "default_route",
-            &d.auth,
-            &d.rate_limits,
-            d.cost,
-            d.quota,
-            &d.webhook,
-        )?),
+        Some(d) => {
+            let mut policy = compile_policy(
+                &raw,
+                "default_route",
+                &d.auth,
+                &d.rate_limits,
+                d.cost,
+                d.quota,
+                &d.webhook,
+            )?;
+            policy.limits = rate_limiter.plan("default_route", &policy.rate_limits, policy.cost)?;
+            Some(policy)
+        }
         None => {
             warnings.push(Warning {
                 path: "default_route".into(),
@@ -450,6 +461,8 @@ pub fn compile(raw: RawConfig, env: EnvLookup<'_>) -> Result<(Config, Vec<Warnin
             security_headers,
             needs_route_name,
             stripped_request_headers: stripped,
+            webhooks,
+            rate_limiter,
             raw,
         },
         warnings,
@@ -579,6 +592,33 @@ mod tests {
         assert_eq!(
             err(r#"{"rate_limits":{"p":{"key":["client"],"tiers":{"x":"lots"}}}}"#).path,
             "rate_limits.p.tiers.x"
+        );
+    }
+
+    #[test]
+    fn rate_limits_are_validated_and_planned_per_route() {
+        let limits = r#""rate_limits":{"ip":{"key":["ip"],"capacity":5,"refill_tokens":5,"refill_period_s":60},
+            "c":{"key":["client"],"capacity":2,"refill_tokens":1,"refill_period_s":60}}"#;
+        let doc = format!(
+            r#"{{{limits},"routes":[{{"name":"a","match":{{"path":"/a"}},"rate_limits":["c","ip"]}}],
+                "default_route":{{"rate_limits":["ip"],"cost":5}}}}"#
+        );
+        let (c, _) = parse(doc.as_bytes(), &no_env).unwrap();
+        let plan = &c.routes[0].policy.limits;
+        assert_eq!(c.rate_limiter.limits[plan.pre_auth[0]].name, "ip");
+        assert_eq!(c.rate_limiter.limits[plan.post_auth[0]].name, "c");
+        assert_eq!(c.default_route.as_ref().unwrap().limits.cost, 5);
+        let e = err(&format!(
+            r#"{{{limits},"routes":[{{"name":"a","match":{{"path":"/a"}},"rate_limits":["c"],"cost":3}}]}}"#
+        ));
+        assert_eq!(e.path, "routes[0].cost");
+        assert_eq!(
+            err(r#"{"rate_limits":{"x":{"key":["ip"],"capacity":0,"refill_tokens":1,"refill_period_s":1}}}"#).path,
+            "rate_limits.x.capacity"
+        );
+        assert_eq!(
+            err(r#"{"rate_limits":{"x":{"key":["nope"],"capacity":1,"refill_tokens":1,"refill_period_s":1}}}"#).path,
+            "rate_limits.x.key[0]"
         );
     }
 

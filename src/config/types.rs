@@ -278,12 +278,18 @@ pub struct WebhookConfig {
     pub tolerance_s: u64,
     #[serde(default = "d_max_body")]
     pub max_body_bytes: usize,
+    /// Extension: how many verified deliveries the replay memory holds (shared by all workers).
+    #[serde(default = "d_replay_capacity")]
+    pub replay_capacity: u32,
 }
 fn d_tolerance() -> u64 {
     300
 }
 fn d_max_body() -> usize {
     1_048_576
+}
+fn d_replay_capacity() -> u32 {
+    4096
 }
 
 #[derive(Debug, Clone, Deserialize)]

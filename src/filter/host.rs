@@ -1,5 +1,7 @@
 //! Host services behind the crate's traits: shared data, the clock, metrics.
 
+use crate::config::Config;
+use crate::ratelimit::Event;
 use crate::reply::ErrorCode;
 use crate::store::{SharedStore, StoreError};
 use proxy_wasm::hostcalls;
@@ -58,6 +60,27 @@ pub struct Metrics {
     /// open circuit breaker: `failure_mode` was applied.
     quota_failed: Option<u32>,
     denied: [Option<u32>; ErrorCode::ALL.len()],
+    /// Per rate limit (by index): allowed, denied, shadow_denied, slot_pressure, contention.
+    limits: Vec<[Option<u32>; 5]>,
+}
+
+/// Counter suffixes per rate limit, in [`Event`] order.
+const LIMIT_EVENTS: [&str; 5] = [
+    "allowed",
+    "denied",
+    "shadow_denied",
+    "slot_pressure",
+    "contention",
+];
+
+fn event_index(e: Event) -> usize {
+    match e {
+        Event::Allowed => 0,
+        Event::Denied => 1,
+        Event::ShadowDenied => 2,
+        Event::SlotPressure => 3,
+        Event::Contention => 4,
+    }
 }
 
 fn counter(name: &str) -> Option<u32> {
@@ -65,15 +88,29 @@ fn counter(name: &str) -> Option<u32> {
 }
 
 impl Metrics {
-    pub fn define() -> Self {
+    pub fn define(cfg: &Config) -> Self {
         let mut denied = [None; ErrorCode::ALL.len()];
         for (slot, code) in denied.iter_mut().zip(ErrorCode::ALL) {
             *slot = counter(&format!("api_guard.denied.{}", code.as_str()));
         }
+        let limits = cfg
+            .rate_limiter
+            .limits
+            .iter()
+            .map(|l| LIMIT_EVENTS.map(|e| counter(&format!("api_guard.ratelimit.{}.{e}", l.name))))
+            .collect();
         Self {
             allowed: counter("api_guard.allowed"),
             quota_failed: counter("api_guard.quota.unavailable"),
             denied,
+            limits,
+        }
+    }
+
+    /// Counts what happened at one rate limit.
+    pub fn limit_event(&self, limit: usize, e: Event) {
+        if let Some(Some(id)) = self.limits.get(limit).map(|c| c[event_index(e)]) {
+            let _ = hostcalls::increment_metric(id, 1);
         }
     }
 

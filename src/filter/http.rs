@@ -3,7 +3,7 @@
 use super::host::{self, now_ms, Metrics, ProxyStore};
 use crate::config::Config;
 use crate::headers::{self, DenyLog, HeaderOp};
-use crate::pipeline::{self, Env, Exchange, Request, Verdict, Wait};
+use crate::pipeline::{self, BodyVerdict, Env, Exchange, Request, Verdict, Wait};
 use crate::quota_client::{self, Breaker, Permit, QuotaCall, QuotaOutcome};
 use crate::reply::LocalReply;
 use proxy_wasm::traits::{Context, HttpContext};
@@ -18,27 +18,12 @@ pub struct Http {
     /// The quota callout's circuit breaker, shared by the VM's requests.
     breaker: Rc<RefCell<Breaker>>,
     ex: Exchange,
-}
-
-/// The request as read from the host, owned so it can be re-read after a callout.
-struct ReadRequest {
-    headers: Vec<(String, String)>,
-    source: Option<String>,
-    route_name: Option<String>,
-    method: String,
-    path: String,
-}
-
-impl ReadRequest {
-    fn as_request(&self) -> Request<'_> {
-        Request {
-            method: &self.method,
-            path: &self.path,
-            headers: &self.headers,
-            source_address: self.source.as_deref(),
-            route_name: self.route_name.as_deref(),
-        }
-    }
+    /// Request body bookkeeping while the request is held: bytes Envoy has buffered (the
+    /// body callbacks report the running total), bytes already fed to the pipeline, and
+    /// whether the stream has ended.
+    body_buffered: usize,
+    body_fed: usize,
+    body_ended: bool,
 }
 
 impl Http {
@@ -48,13 +33,49 @@ impl Http {
             metrics,
             breaker,
             ex: Exchange::default(),
+            body_buffered: 0,
+            body_fed: 0,
+            body_ended: false,
         }
     }
 
-    /// One host call for the whole map: cheaper than several single-header reads, and the
-    /// only way to see repeated headers. The `_bytes` variant: the String one panics (VM
-    /// abort) on a header value that is not UTF-8.
-    fn read_request(&self) -> ReadRequest {
+    fn property(&self, path: &[&str]) -> Option<String> {
+        self.get_property(path.to_vec())
+            .and_then(|b| String::from_utf8(b).ok())
+    }
+
+    /// Carries out a verdict. `paused` says the request is currently paused (after a wait),
+    /// so forwarding must resume it instead of returning `Continue`.
+    fn act(&mut self, verdict: Verdict, method: &str, path: &str, paused: bool) -> Action {
+        match verdict {
+            Verdict::Forward(edits) => {
+                for name in &edits.remove {
+                    self.set_http_request_header(name, None);
+                }
+                for (name, value) in &edits.set {
+                    self.set_http_request_header(name, Some(value));
+                }
+                self.metrics.allowed();
+                if paused {
+                    self.resume_http_request();
+                    Action::Pause
+                } else {
+                    Action::Continue
+                }
+            }
+            Verdict::Reply(reply) => {
+                self.send_reply(&reply, method, path);
+                Action::Pause
+            }
+            Verdict::Wait(Wait::Body) => self.feed_body(paused),
+            Verdict::Wait(Wait::Quota(call)) => self.call_quota(call, paused),
+        }
+    }
+
+    /// Runs the pipeline again from the current stage (after a wait) and acts on it. The
+    /// request headers are still readable while the request is held.
+    /// `paused`: whether the request is already held (a callback returned `Pause`).
+    fn rerun(&mut self, paused: bool) -> Action {
         let headers = host::utf8_headers(self.get_http_request_headers_bytes());
         let source = self.property(&["source", "address"]);
         let route_name = if self.config.needs_route_name {
@@ -62,35 +83,23 @@ impl Http {
         } else {
             None
         };
-        let find = |name: &str| {
-            headers
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.clone())
-                .unwrap_or_default()
+        let (method, path) = pseudo(&headers);
+        let req = Request {
+            method: &method,
+            path: &path,
+            headers: &headers,
+            source_address: source.as_deref(),
+            route_name: route_name.as_deref(),
         };
-        let (method, path) = (find(":method"), find(":path"));
-        ReadRequest {
-            headers,
-            source,
-            route_name,
-            method,
-            path,
-        }
-    }
-
-    /// Runs the pipeline again from the current stage (after a wait) and acts on it.
-    /// `paused`: whether `on_http_request_headers` already returned `Pause`.
-    fn rerun(&mut self, paused: bool) -> Action {
-        let r = self.read_request();
         let store = ProxyStore;
         let env = Env {
             now_ms: now_ms(),
             store: &store,
         };
         let config = Rc::clone(&self.config);
-        let verdict = pipeline::run(&config, &r.as_request(), &mut self.ex, &env);
-        self.act(verdict, &r.method, &r.path, paused)
+        let verdict = pipeline::run(&config, &req, &mut self.ex, &env);
+        self.rate_limit_events();
+        self.act(verdict, &method, &path, paused)
     }
 
     /// Starts the quota callout, or fails at once when the breaker is open or the callout
@@ -129,35 +138,103 @@ impl Http {
         }
     }
 
-    fn property(&self, path: &[&str]) -> Option<String> {
-        self.get_property(path.to_vec())
-            .and_then(|b| String::from_utf8(b).ok())
+    /// Feeds the body bytes buffered since the last call to the pipeline (which verifies
+    /// them as they stream), and carries out what it decides. The request stays held until
+    /// then: `Pause` from headers is StopIteration, from a body callback
+    /// StopIterationAndBuffer, so Envoy keeps the body and forwards it unchanged later.
+    fn feed_body(&mut self, paused: bool) -> Action {
+        let chunk = if self.body_buffered > self.body_fed {
+            self.get_http_request_body(self.body_fed, self.body_buffered - self.body_fed)
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        self.body_fed = self.body_fed.saturating_add(chunk.len());
+        let store = ProxyStore;
+        let env = Env {
+            now_ms: now_ms(),
+            store: &store,
+        };
+        let step = pipeline::on_request_body(&mut self.ex, &chunk, self.body_ended, &env);
+        drop(chunk);
+        match step {
+            BodyVerdict::More => Action::Pause,
+            BodyVerdict::Reply(reply) => {
+                let (method, path) = self.method_and_path();
+                self.act(Verdict::Reply(reply), &method, &path, paused)
+            }
+            BodyVerdict::Continue => {
+                // The request headers are still readable while the request is held.
+                let headers = host::utf8_headers(self.get_http_request_headers_bytes());
+                let source = self.property(&["source", "address"]);
+                let route_name = if self.config.needs_route_name {
+                    self.property(&["xds", "route_name"])
+                } else {
+                    None
+                };
+                let (method, path) = pseudo(&headers);
+                let req = Request {
+                    method: &method,
+                    path: &path,
+                    headers: &headers,
+                    source_address: source.as_deref(),
+                    route_name: route_name.as_deref(),
+                };
+                let config = Rc::clone(&self.config);
+                let verdict = pipeline::run(&config, &req, &mut self.ex, &env);
+                self.act(verdict, &method, &path, paused)
+            }
+        }
     }
 
-    /// Carries out a verdict. `paused` says the request is currently paused (after a wait),
-    /// so forwarding must resume it instead of returning `Continue`.
-    fn act(&mut self, verdict: Verdict, method: &str, path: &str, paused: bool) -> Action {
-        match verdict {
-            Verdict::Forward(edits) => {
-                for name in &edits.remove {
-                    self.set_http_request_header(name, None);
+    fn method_and_path(&self) -> (String, String) {
+        pseudo(&host::utf8_headers(self.get_http_request_headers_bytes()))
+    }
+
+    /// A body callback (or trailers, which end the body). While the pipeline waits for the
+    /// body, each chunk is fed as it arrives; while it waits for something else (a callout),
+    /// the body is buffered and fed later; once the request was forwarded it streams on.
+    fn on_body_event(&mut self, body_buffered: Option<usize>, end_of_stream: bool) -> Action {
+        if self.ex.replied {
+            return Action::Pause;
+        }
+        if let Some(n) = body_buffered {
+            self.body_buffered = n;
+        }
+        self.body_ended |= end_of_stream;
+        if pipeline::waits_for_body(&self.ex) {
+            self.feed_body(false)
+        } else if self.ex.stage == pipeline::Stage::Done {
+            Action::Continue
+        } else {
+            Action::Pause
+        }
+    }
+
+    /// Counts rate-limit events and logs shadow denials (`shadow: true` limits that would
+    /// have answered 429).
+    fn rate_limit_events(&mut self) {
+        for (limit, e) in self.ex.ratelimit.drain_events() {
+            self.metrics.limit_event(limit, e);
+        }
+        for (limit, key) in std::mem::take(&mut self.ex.ratelimit.shadow_denials) {
+            let name = self
+                .config
+                .rate_limiter
+                .limits
+                .get(limit)
+                .map_or("", |l| l.name.as_str());
+            log::info!(
+                "{}",
+                headers::ShadowDenyLog {
+                    limit: name,
+                    key: &key,
+                    route: self.ex.route_name(&self.config),
+                    ip: self.ex.client_ip.as_deref(),
+                    request_id: self.ex.request_id.as_deref(),
                 }
-                for (name, value) in &edits.set {
-                    self.set_http_request_header(name, Some(value));
-                }
-                self.metrics.allowed();
-                if paused {
-                    self.resume_http_request();
-                    Action::Pause
-                } else {
-                    Action::Continue
-                }
-            }
-            Verdict::Reply(reply) => {
-                self.send_reply(&reply, method, path);
-                Action::Pause
-            }
-            Verdict::Wait(Wait::Quota(call)) => self.call_quota(call, paused),
+                .line()
+            );
         }
     }
 
@@ -194,7 +271,7 @@ impl Context for Http {
         _token: u32,
         num_headers: usize,
         body_size: usize,
-        _trailers: usize,
+        _num_trailers: usize,
     ) {
         let now = now_ms();
         // No headers: Envoy's way of reporting a timeout or a reset.
@@ -231,16 +308,54 @@ impl Context for Http {
 }
 
 impl HttpContext for Http {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let r = self.read_request();
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        // A request without a body is complete now: a body check finishes immediately.
+        self.body_ended = end_of_stream;
+        // One host call for the whole map: cheaper than several single-header reads, and the
+        // only way to see repeated headers. The `_bytes` variant: the String one panics (VM
+        // abort) on a header value that is not UTF-8.
+        let headers = host::utf8_headers(self.get_http_request_headers_bytes());
+        let source = self.property(&["source", "address"]);
+        let route_name = if self.config.needs_route_name {
+            self.property(&["xds", "route_name"])
+        } else {
+            None
+        };
+        let method = headers
+            .iter()
+            .find(|(k, _)| k == ":method")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        let path = headers
+            .iter()
+            .find(|(k, _)| k == ":path")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        let req = Request {
+            method: &method,
+            path: &path,
+            headers: &headers,
+            source_address: source.as_deref(),
+            route_name: route_name.as_deref(),
+        };
         let store = ProxyStore;
         let env = Env {
             now_ms: now_ms(),
             store: &store,
         };
         let config = Rc::clone(&self.config);
-        let verdict = pipeline::on_request_headers(&config, &r.as_request(), &mut self.ex, &env);
-        self.act(verdict, &r.method, &r.path, false)
+        let verdict = pipeline::on_request_headers(&config, &req, &mut self.ex, &env);
+        self.rate_limit_events();
+        self.act(verdict, &method, &path, false)
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.on_body_event(Some(body_size), end_of_stream)
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        // Trailers end the body (its last callback had end_of_stream false).
+        self.on_body_event(None, true)
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
@@ -261,4 +376,16 @@ impl HttpContext for Http {
         }
         Action::Continue
     }
+}
+
+/// `:method` and `:path` from a header map.
+fn pseudo(headers: &[(String, String)]) -> (String, String) {
+    let get = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    (get(":method"), get(":path"))
 }

@@ -1,6 +1,6 @@
 //! Root context: owns the validated config (one per worker VM) and creates HTTP contexts.
 
-use super::host::Metrics;
+use super::host::{Metrics, ProxyStore};
 use super::http::Http;
 use crate::config::{self, BreakerConfig, Config};
 use crate::quota_client::Breaker;
@@ -27,6 +27,16 @@ impl RootContext for Root {
                 for w in warnings {
                     log::warn!("api-guard: config warning at `{}`: {}", w.path, w.message);
                 }
+                // Pre-create the webhook replay slots: key creation is not atomic.
+                cfg.webhooks.prepare(&ProxyStore);
+                // Shared-data keys must exist before traffic: Envoy inserts a missing key
+                // whatever CAS version a writer names, so creating them under load races.
+                match cfg.rate_limiter.prepare(&ProxyStore) {
+                    Ok(0) => {}
+                    Ok(n) => log::info!("api-guard: created {n} rate-limit slot pages"),
+                    Err(e) => log::warn!("api-guard: preparing rate-limit tables: {e}"),
+                }
+                self.metrics = Some(Rc::new(Metrics::define(&cfg)));
                 let breaker = cfg
                     .raw
                     .quota
@@ -35,7 +45,6 @@ impl RootContext for Root {
                     .unwrap_or_else(BreakerConfig::default);
                 self.breaker = Some(Rc::new(RefCell::new(Breaker::new(&breaker))));
                 self.config = Some(Rc::new(cfg));
-                self.metrics = Some(Rc::new(Metrics::define()));
                 true
             }
             Err(e) => {

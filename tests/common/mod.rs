@@ -181,6 +181,9 @@ impl EnvoyBuilder {
                 "config": {
                     "name": "api_guard",
                     "root_id": "api_guard",
+                    // Pause from request headers = StopIteration, so body callbacks still
+                    // run (webhook signatures need the body before anything goes upstream).
+                    "allow_on_headers_stop_iteration": true,
                     "configuration": {
                         "@type": "type.googleapis.com/google.protobuf.StringValue",
                         "value": self.filter_config,
@@ -204,6 +207,8 @@ impl EnvoyBuilder {
                 "listeners": [{
                     "name": "ingress",
                     "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                    // As in envoy/demo.yaml: above the default webhook max_body_bytes.
+                    "per_connection_buffer_limit_bytes": 2097152,
                     "filter_chains": [{"filters": [{
                         "name": "envoy.filters.network.http_connection_manager",
                         "typed_config": {

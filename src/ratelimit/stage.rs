@@ -1,0 +1,209 @@
+//! The two rate-limit stages of the request pipeline (`PreAuthLimits`, `ClientLimits`).
+
+use super::{DenyReason, Event, Report, RequestKeys, Taken};
+use crate::config::Config;
+use crate::pipeline::{Env, Exchange, Request, Step};
+use crate::reply::{ErrorCode, LocalReply};
+
+/// Most events one request records (each limit: at most pressure + denied, in two stages).
+pub const MAX_EVENTS: usize = 32;
+
+/// Per-request rate-limit state, kept in the [`Exchange`].
+#[derive(Debug, Clone, Default)]
+pub struct LimitState {
+    /// Tokens taken so far (refunded if a later limit denies).
+    pub taken: Taken,
+    /// The limit shown in the headers so far.
+    pub report: Option<Report>,
+    events: [Option<(usize, Event)>; MAX_EVENTS],
+    /// (limit, bucket key) of shadow limits that would have denied, for the log.
+    pub shadow_denials: Vec<(usize, String)>,
+}
+
+impl LimitState {
+    fn record(&mut self, limit: usize, e: Event) {
+        if let Some(slot) = self.events.iter_mut().find(|s| s.is_none()) {
+            *slot = Some((limit, e));
+        }
+    }
+
+    /// Hands the recorded events to the glue (for stats) and forgets them.
+    pub fn drain_events(&mut self) -> impl Iterator<Item = (usize, Event)> + '_ {
+        self.events.iter_mut().filter_map(Option::take)
+    }
+}
+
+/// Names of the headers this module sets; replaced, never duplicated, between stages.
+const HEADER_NAMES: [&str; 5] = [
+    "ratelimit-policy",
+    "ratelimit",
+    "x-ratelimit-limit",
+    "x-ratelimit-remaining",
+    "x-ratelimit-reset",
+];
+
+fn set_headers(cfg: &Config, ex: &mut Exchange, report: Option<Report>, now_ms: u64) {
+    let Some(report) = report else { return };
+    let Some(h) = cfg.rate_limiter.headers(&report, now_ms, None) else {
+        return;
+    };
+    ex.response_headers
+        .retain(|(k, _)| !HEADER_NAMES.contains(&k.as_str()));
+    for (k, v) in h.pairs() {
+        ex.response_headers.push((k.to_string(), v.to_string()));
+    }
+}
+
+/// Limits whose key needs no identity: before credentials are verified.
+pub fn pre_auth(cfg: &Config, req: &Request, ex: &mut Exchange, env: &Env) -> Step {
+    run(cfg, req, ex, env, true)
+}
+
+/// Limits keyed on the client, its tier or its claims: after credentials and scopes.
+pub fn client(cfg: &Config, req: &Request, ex: &mut Exchange, env: &Env) -> Step {
+    run(cfg, req, ex, env, false)
+}
+
+fn run(cfg: &Config, req: &Request, ex: &mut Exchange, env: &Env, pre: bool) -> Step {
+    let Some(policy) = ex.policy(cfg) else {
+        return Step::Next;
+    };
+    let plan = &policy.limits;
+    let ids = if pre { &plan.pre_auth } else { &plan.post_auth };
+    if ids.is_empty() {
+        return Step::Next;
+    }
+    let rl = &cfg.rate_limiter;
+    let keys = RequestKeys {
+        ip: ex.client_ip.as_deref().unwrap_or(""),
+        route: ex.route_name(cfg),
+        headers: req.headers,
+        identity: if pre { None } else { ex.identity.as_ref() },
+    };
+    let state = &mut ex.ratelimit;
+    let mut events: [Option<(usize, Event)>; 2 * super::config::MAX_LIMITS_PER_ROUTE] =
+        Default::default();
+    let mut n = 0;
+    let decision = rl.check(
+        ids,
+        plan.cost,
+        &keys,
+        env.now_ms,
+        env.store,
+        &mut state.taken,
+        &mut |id, e| {
+            if let Some(slot) = events.get_mut(n) {
+                *slot = Some((id, e));
+                n += 1;
+            }
+        },
+    );
+    for (id, e) in events.into_iter().flatten() {
+        state.record(id, e);
+        if e == Event::ShadowDenied {
+            state.shadow_denials.push((id, rl.describe_key(id, &keys)));
+        }
+    }
+    match decision.denial {
+        None => {
+            let report = Report::tighter(state.report, decision.report);
+            state.report = report;
+            set_headers(cfg, ex, report, env.now_ms);
+            Step::Next
+        }
+        Some(d) => {
+            let name = rl.limits.get(d.limit).map_or("", |l| l.name.as_str());
+            let key = rl.describe_key(d.limit, &keys);
+            let message = match d.reason {
+                DenyReason::Exhausted => format!(
+                    "rate limit '{name}' exceeded; retry in {} s",
+                    d.retry_after_s
+                ),
+                DenyReason::SlotsFull | DenyReason::Contention => format!(
+                    "rate limit '{name}' cannot track more clients right now; retry in {} s",
+                    d.retry_after_s
+                ),
+            };
+            let reply = LocalReply::new(ErrorCode::RateLimitExceeded, message)
+                .with_field("retry_after", d.retry_after_s)
+                .with_header("retry-after", d.retry_after_s.to_string())
+                .with_policy(name)
+                .with_key(key);
+            ex.ratelimit.report = decision.report;
+            set_headers(cfg, ex, decision.report, env.now_ms);
+            Step::Reply(reply)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{self, Config};
+    use crate::pipeline::{on_request_headers, Env, Exchange, Request, Verdict};
+    use crate::reply::ErrorCode;
+    use crate::store::MemoryStore;
+
+    fn cfg(json: &str) -> Config {
+        config::parse(json.as_bytes(), &|_| None).unwrap().0
+    }
+
+    fn go(c: &Config, store: &MemoryStore, now_ms: u64) -> (Verdict, Exchange) {
+        let headers = vec![(":method".to_string(), "GET".to_string())];
+        let req = Request {
+            method: "GET",
+            path: "/x",
+            headers: &headers,
+            source_address: Some("192.0.2.1:5000"),
+            route_name: None,
+        };
+        let env = Env { now_ms, store };
+        let mut ex = Exchange::default();
+        let v = on_request_headers(c, &req, &mut ex, &env);
+        (v, ex)
+    }
+
+    fn header<'a>(ex: &'a Exchange, name: &str) -> Option<&'a str> {
+        ex.response_headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn the_pipeline_counts_down_then_replies_429_with_retry_after() {
+        let c = cfg(
+            r#"{"rate_limits":{"a":{"key":["ip"],"capacity":2,"refill_tokens":1,"refill_period_s":30},
+                               "b":{"key":["client"],"capacity":9,"refill_tokens":9,"refill_period_s":9}},
+                "default_route":{"rate_limits":["a","b"]}}"#,
+        );
+        let store = MemoryStore::new();
+        c.rate_limiter.prepare(&store).unwrap();
+        let now = 1_700_000_000_000;
+        let (v, mut ex) = go(&c, &store, now);
+        assert!(matches!(v, Verdict::Forward(_)));
+        assert_eq!(header(&ex, "ratelimit"), Some("\"a\";r=1;t=30"));
+        assert_eq!(header(&ex, "x-ratelimit-reset"), Some("1700000030"));
+        assert_eq!(
+            ex.response_headers.len(),
+            5,
+            "headers replaced between stages, not duplicated"
+        );
+        let events: Vec<_> = ex.ratelimit.drain_events().collect();
+        assert_eq!(events.len(), 2, "{events:?}");
+        go(&c, &store, now);
+        let (v, ex) = go(&c, &store, now + 1000);
+        let Verdict::Reply(r) = v else {
+            panic!("expected 429, got {v:?}")
+        };
+        assert_eq!(r.code, ErrorCode::RateLimitExceeded);
+        assert_eq!(r.policy.as_deref(), Some("a"));
+        assert_eq!(r.key.as_deref(), Some("ip=192.0.2.1"));
+        assert_eq!(
+            r.headers,
+            vec![("retry-after".to_string(), "29".to_string())]
+        );
+        let body: serde_json::Value = serde_json::from_slice(&r.body()).unwrap();
+        assert_eq!(body["retry_after"], 29);
+        assert_eq!(header(&ex, "ratelimit"), Some("\"a\";r=0;t=59"));
+    }
+}
