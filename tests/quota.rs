@@ -560,3 +560,67 @@ fn an_alert_is_received_once_per_threshold_with_a_valid_signature() {
     thresholds.sort_unstable();
     assert_eq!(thresholds, vec![80, 90, 100]);
 }
+
+#[test]
+fn rate_limit_headers_describe_the_limit_with_the_least_remaining() {
+    let quota = Quota::start(
+        "limit = { capacity = 3, refill_tokens = 1, refill_period_s = 3600 }",
+        None,
+    );
+    let cfg = |local_capacity: u64| {
+        json!({
+            "quota": {"cluster": "quota", "timeout_ms": 1000, "failure_mode": "deny"},
+            "rate_limits": {"local": {"key": ["ip"], "capacity": local_capacity,
+                                      "refill_tokens": 1, "refill_period_s": 3600}},
+            "routes": [{"name": "orders", "match": {"prefix": "/api/orders"},
+                        "rate_limits": ["local"], "quota": true}]
+        })
+        .to_string()
+    };
+    // Local bucket of 10, service bucket of 3: the service's is tighter and is shown.
+    let envoy = envoy_for(quota.port, &cfg(10));
+    let r = envoy.get("/api/orders");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("2"));
+    assert!(r
+        .header("ratelimit")
+        .unwrap()
+        .starts_with("\"quota-global\""));
+    assert_eq!(
+        r.header("ratelimit-policy"),
+        Some("\"quota-global\";q=3;w=3600")
+    );
+    assert_eq!(
+        r.header_all("ratelimit").len(),
+        1,
+        "one limit's headers, not two"
+    );
+    drop(envoy);
+    // Local bucket of 2 (1 left) vs the service's 49 left: the local one is shown.
+    let quota2 = Quota::start(
+        "limit = { capacity = 50, refill_tokens = 1, refill_period_s = 3600 }",
+        None,
+    );
+    let envoy = envoy_for(quota2.port, &cfg(2));
+    let r = envoy.get("/api/orders");
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("1"));
+    assert!(
+        r.header("ratelimit").unwrap().starts_with("\"local\""),
+        "{:?}",
+        r.header("ratelimit")
+    );
+    assert_eq!(
+        r.header("x-quota-limit"),
+        None,
+        "no quotas configured in this tier"
+    );
+    // The local limit denies first: the service is not asked (its bucket keeps 49).
+    envoy.get("/api/orders");
+    envoy
+        .get("/api/orders")
+        .assert_error(429, "rate_limit_exceeded");
+    let u = quota2
+        .admin("GET", "/v1/clients/127.0.0.1/usage", None)
+        .json();
+    assert_eq!(u["quotas"]["daily"]["used"], 2);
+}
