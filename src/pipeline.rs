@@ -81,6 +81,11 @@ pub enum Wait {
     /// Hold the request and feed its body to [`on_request_body`] as it arrives (webhook
     /// signatures cover the body); forward nothing until that says so.
     Body,
+    /// Fetch the remote JWKS of `jwt_providers[provider]` (index in `cfg.auth.providers`),
+    /// store it with `auth::remote_jwks::store_result`, set `Exchange::jwks_fetched`, re-run.
+    /// `waiter`: the request fetches because no set was loaded yet (counted per worker, see
+    /// `Authenticator::waiter_fetch_done`), not for an unknown `kid`.
+    Jwks { provider: usize, waiter: bool },
     /// Call the quota service; store the result in `Exchange::quota` and run again.
     Quota(crate::quota_client::QuotaCall),
 }
@@ -127,6 +132,8 @@ pub struct Exchange {
     pub webhook: WebhookState,
     /// Rate-limit bookkeeping between the two limit stages, and events for stats.
     pub ratelimit: crate::ratelimit::stage::LimitState,
+    /// The request already waited for a JWKS fetch (it waits at most once).
+    pub jwks_fetched: bool,
     /// The quota callout's result, set by the glue before re-running the quota stage.
     pub quota: Option<crate::quota_client::QuotaOutcome>,
 }
@@ -200,8 +207,8 @@ pub fn run(cfg: &Config, req: &Request, ex: &mut Exchange, env: &Env) -> Verdict
         let step = match ex.stage {
             Stage::Cors => Step::Next,
             Stage::PreAuthLimits => crate::ratelimit::stage::pre_auth(cfg, req, ex, env),
-            Stage::Credentials => Step::Next,
-            Stage::Scopes => Step::Next,
+            Stage::Credentials => crate::auth::stage::credentials(cfg, req, ex, env),
+            Stage::Scopes => crate::auth::stage::scopes(cfg, req, ex, env),
             Stage::ClientLimits => crate::ratelimit::stage::client(cfg, req, ex, env),
             Stage::Quota => crate::quota_client::stage(cfg, req, ex, env),
             Stage::Webhook => webhook_stage::run(cfg, req, ex, env),

@@ -624,3 +624,52 @@ fn rate_limit_headers_describe_the_limit_with_the_least_remaining() {
         .json();
     assert_eq!(u["quotas"]["daily"]["used"], 2);
 }
+
+fn sha256_hex(s: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[test]
+fn api_key_clients_are_counted_per_client_under_their_tier() {
+    let quota = Quota::start(
+        "\n[tiers.free]\ndaily = { limit = 2, policy = \"hard_stop\" }\n\
+         [tiers.pro]\ndaily = { limit = 4, policy = \"hard_stop\" }",
+        None,
+    );
+    let cfg = json!({
+        "api_keys": {"header": "x-api-key", "keys": [
+            {"id": "acme", "sha256": sha256_hex("acme-secret-key"), "tier": "pro"},
+            {"id": "tiny", "sha256": sha256_hex("tiny-secret-key"), "tier": "free"}]},
+        "quota": {"cluster": "quota", "timeout_ms": 1000, "failure_mode": "deny"},
+        "routes": [{"name": "orders", "match": {"prefix": "/api/orders"},
+                    "auth": {"mode": "required", "methods": ["api_key"]}, "quota": true}]
+    })
+    .to_string();
+    let envoy = envoy_for(quota.port, &cfg);
+    let send = |key: &str| {
+        envoy
+            .req("GET", "/api/orders")
+            .header("x-api-key", key)
+            .send()
+    };
+    let tiny: Vec<u16> = (0..3).map(|_| send("tiny-secret-key").status).collect();
+    assert_eq!(tiny, vec![200, 200, 402], "free tier: 2 a day");
+    let acme: Vec<u16> = (0..5).map(|_| send("acme-secret-key").status).collect();
+    assert_eq!(
+        acme,
+        vec![200, 200, 200, 200, 402],
+        "pro tier: 4 a day, counted apart"
+    );
+    // An unauthenticated request is refused before the service is asked.
+    envoy
+        .get("/api/orders")
+        .assert_error(401, "missing_credentials");
+    let u = quota.admin("GET", "/v1/clients/acme/usage", None).json();
+    assert_eq!(u["tier"], "pro");
+    assert_eq!(u["quotas"]["daily"]["used"], 4);
+    assert_eq!(quota.used_today("127.0.0.1"), 0);
+}

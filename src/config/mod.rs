@@ -93,6 +93,8 @@ pub struct Config {
     pub webhooks: crate::webhook::Webhooks,
     /// Compiled `rate_limits`; its `prepare` must run in `on_configure`.
     pub rate_limiter: crate::ratelimit::RateLimiter,
+    /// Compiled `jwt_providers` and `api_keys` (validated here so bad keys fail the config).
+    pub auth: crate::auth::Authenticator,
     pub raw: RawConfig,
 }
 
@@ -395,6 +397,8 @@ pub fn compile(raw: RawConfig, env: EnvLookup<'_>) -> Result<(Config, Vec<Warnin
 
     let rate_limiter = crate::ratelimit::RateLimiter::compile(&raw, &mut warnings)?;
 
+    let auth = crate::auth::Authenticator::compile(&raw, env)?;
+
     let mut routes_out = Vec::with_capacity(raw.routes.len());
     let mut needs_route_name = false;
     for (i, r) in raw.routes.iter().enumerate() {
@@ -463,6 +467,7 @@ pub fn compile(raw: RawConfig, env: EnvLookup<'_>) -> Result<(Config, Vec<Warnin
             stripped_request_headers: stripped,
             webhooks,
             rate_limiter,
+            auth,
             raw,
         },
         warnings,
