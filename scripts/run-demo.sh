@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# `make run`: the demo upstream, then Envoy with the api-guard filter; Ctrl-C stops both.
+# `make run`: the demo upstream, the quota service (in-memory store), then Envoy with the
+# api-guard filter; Ctrl-C stops all three.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ENVOY_BIN="${ENVOY_BIN:-$PWD/.tools/envoy/envoy/_bin/envoy}"
@@ -14,7 +15,7 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-for port in 8080 8081 9901; do
+for port in 8080 8081 8082 9901; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "error: 127.0.0.1:$port is already in use (another demo running?)" >&2
     exit 1
@@ -24,6 +25,24 @@ done
 echo "==> starting the demo upstream on 127.0.0.1:8081"
 target/release/api-guard demo-upstream --listen 127.0.0.1:8081 >.run/upstream.log 2>&1 &
 pids+=($!)
+
+# The example quota config reads its admin token from the environment.
+export QUOTA_ADMIN_TOKEN="${QUOTA_ADMIN_TOKEN:-demo-admin-token-change-me}"
+echo "==> starting api-guard-quota on 127.0.0.1:8082 (in-memory store, quota/quota.example.toml)"
+target/release/api-guard-quota --config quota/quota.example.toml --listen 127.0.0.1:8082 \
+  >.run/quota.log 2>&1 &
+quota_pid=$!
+pids+=("$quota_pid")
+deadline=$((SECONDS + 30))
+until grep -q "api-guard-quota ready" .run/quota.log 2>/dev/null; do
+  if ! kill -0 "$quota_pid" 2>/dev/null; then
+    echo "error: api-guard-quota exited; its log:" >&2
+    cat .run/quota.log >&2
+    exit 1
+  fi
+  if [ $SECONDS -ge $deadline ]; then echo "error: api-guard-quota not ready after 30 s" >&2; exit 1; fi
+  sleep 0.2
+done
 
 echo "==> starting Envoy on 127.0.0.1:8080 (log: .run/envoy.log, admin: 127.0.0.1:9901)"
 "$ENVOY_BIN" -c envoy/demo.yaml --concurrency 2 --disable-hot-restart >.run/envoy.log 2>&1 &
@@ -78,13 +97,19 @@ api-guard demo is ready. Try (copy-paste):
   #    origin gets 403 cors_rejected with no access-control-* headers.
   curl -si -X OPTIONS http://127.0.0.1:8080/api/orders -H 'origin: http://localhost:3000' \
     -H 'access-control-request-method: GET' -H 'access-control-request-headers: authorization'
-  curl -si -X OPTIONS http://127.0.0.1:8080/api/orders -H 'origin: http://localhost:3000.evil.com' \
+  curl -si -X OPTIONS http://127.0.0.1:8080/api/orders -H 'origin: https://shop.example.com.evil.com' \
     -H 'access-control-request-method: GET'
 
-  # 9. Counters per outcome, and one JSON log line per denial
+  # 9. Quotas and global limits: /api/orders asks api-guard-quota after the local limits.
+  #    Usage per client (admin API), and the service's metrics:
+  QUOTA_ADMIN_TOKEN=demo-admin-token-change-me   # make run's default; set it before make run to change
+  curl -s http://127.0.0.1:8082/v1/clients/demo-pro/usage -H "authorization: Bearer $QUOTA_ADMIN_TOKEN"
+  curl -s http://127.0.0.1:8082/metrics | grep -E '^api_guard_quota_decisions'
+
+  # 10. Counters per outcome, and one JSON log line per denial
   curl -s http://127.0.0.1:9901/stats | grep api_guard
   grep api_guard.deny .run/envoy.log | tail -3
 
-Press Ctrl-C to stop.
 TXT
+echo "Press Ctrl-C to stop."
 wait "$envoy_pid"
