@@ -229,6 +229,13 @@ pub fn waits_for_body(ex: &Exchange) -> bool {
     webhook_stage::waits_for_body(ex)
 }
 
+/// The most body bytes the glue should copy out of the host for the next
+/// [`on_request_body`] call: a body check needs at most one byte past its limit to refuse
+/// it, so a client's oversized body is never copied into the VM.
+pub fn body_read_limit(ex: &Exchange) -> usize {
+    webhook_stage::body_read_limit(ex)
+}
+
 /// What the glue does after [`on_request_body`].
 #[derive(Debug)]
 pub enum BodyVerdict {

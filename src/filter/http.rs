@@ -176,7 +176,10 @@ impl Http {
     /// StopIterationAndBuffer, so Envoy keeps the body and forwards it unchanged later.
     fn feed_body(&mut self, paused: bool) -> Action {
         let chunk = if self.body_buffered > self.body_fed {
-            self.get_http_request_body(self.body_fed, self.body_buffered - self.body_fed)
+            // Never more than the check can use: one byte past the limit already fails it.
+            let want =
+                (self.body_buffered - self.body_fed).min(pipeline::body_read_limit(&self.ex));
+            self.get_http_request_body(self.body_fed, want)
                 .unwrap_or_default()
         } else {
             Vec::new()
@@ -299,13 +302,12 @@ impl Context for Http {
         body_size: usize,
         _num_trailers: usize,
     ) {
-        let ok = self
-            .get_http_call_response_header_bytes(":status")
-            .is_some_and(|s| s == b"200");
-        let body = if ok {
-            self.get_http_call_response_body(0, body_size)
-        } else {
-            None
+        let body = match host::callout_body(body_size, crate::auth::remote_jwks::MAX_BODY) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                log::warn!("api-guard: JWKS response unusable: {e}");
+                None
+            }
         };
         // The request has been paused since it asked for the fetch.
         self.jwks_done(body, true);

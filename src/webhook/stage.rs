@@ -75,6 +75,15 @@ pub fn waits_for_body(ex: &Exchange) -> bool {
     matches!(ex.webhook, WebhookState::Streaming(_))
 }
 
+/// How many body bytes the glue should read for the next [`on_body`] call (see
+/// [`Verifier::read_limit`]); unbounded when no body check is streaming.
+pub fn body_read_limit(ex: &Exchange) -> usize {
+    match &ex.webhook {
+        WebhookState::Streaming(v) => v.read_limit(),
+        _ => usize::MAX,
+    }
+}
+
 /// Feeds the next body bytes (`chunk` may be empty) and, at the end of the stream, finishes
 /// the verification.
 pub fn on_body(ex: &mut Exchange, chunk: &[u8], end_of_stream: bool, env: &Env) -> BodyStep {
