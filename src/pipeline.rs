@@ -176,6 +176,9 @@ pub fn on_request_headers(cfg: &Config, req: &Request, ex: &mut Exchange, env: &
     let path = match routes::normalize(req.path) {
         Ok(p) => p,
         Err(e) => {
+            // As for every other reply: the request is finished (the glue's body callbacks
+            // look at the stage).
+            ex.stage = Stage::Done;
             return Verdict::Reply(LocalReply::new(
                 ErrorCode::InvalidRequest,
                 format!("invalid path: {e}"),
@@ -373,9 +376,12 @@ mod tests {
     fn bad_paths_get_400() {
         let c = cfg("{}");
         for p in ["/a%2Fb", "/a%5c", "/../x", "/a/%2e%2e/%2e%2e", "/a%zz"] {
-            match go(&c, "GET", p, &[]).0 {
-                Verdict::Reply(r) => assert_eq!(r.code, ErrorCode::InvalidRequest, "{p}"),
-                v => panic!("{p}: {v:?}"),
+            match go(&c, "GET", p, &[]) {
+                (Verdict::Reply(r), ex) => {
+                    assert_eq!(r.code, ErrorCode::InvalidRequest, "{p}");
+                    assert_eq!(ex.stage, Stage::Done, "{p}");
+                }
+                (v, _) => panic!("{p}: {v:?}"),
             }
         }
     }
