@@ -275,11 +275,21 @@ fn fresh_store(cfg: &Config) -> MemoryStore {
     store
 }
 
+/// A token the test signed with its provider's real key.
+struct TokenFacts {
+    provider: &'static str,
+    /// The protected header is one the SPEC accepts (right `alg`, known or no `kid`, no
+    /// `crit`/`b64`, a JSON object).
+    header_ok: bool,
+    /// The payload, when it is JSON.
+    claims: Option<Value>,
+}
+
 /// What the test signed with the real keys, so the oracles know what may be admitted.
 #[derive(Default)]
 struct Signed {
     /// Token -> (provider, `sub` claim if it is a string).
-    tokens: HashMap<String, (&'static str, Option<String>)>,
+    tokens: HashMap<String, TokenFacts>,
     /// (webhook route, the scheme's header values in request order, body).
     deliveries: HashSet<(String, Vec<(String, String)>, Vec<u8>)>,
 }
@@ -342,6 +352,8 @@ const ROUTE_PATHS: &[&str] = &[
     "/admin",
     "/partner/p",
     "/remote/r",
+    "/remote/r2",
+    "/partner/p2",
     "/open/o",
     "/",
     "/unmatched",
@@ -430,9 +442,14 @@ fn token(t: &mut Tape, w: &World, path: &str, now_s: u64, signed: &mut Signed) -
         c.insert("exp".into(), (now_s + 600).into());
         c.insert("scope".into(), "read:orders".into());
         let tok = w.es.sign(&c).expect("ES256 signs");
-        signed
-            .tokens
-            .insert(tok.clone(), ("main", Some("es-user".into())));
+        signed.tokens.insert(
+            tok.clone(),
+            TokenFacts {
+                provider: "main",
+                header_ok: true,
+                claims: Some(Value::Object(c)),
+            },
+        );
         return tok;
     }
     let (iss, kid, key) = match provider {
@@ -450,9 +467,14 @@ fn token(t: &mut Tape, w: &World, path: &str, now_s: u64, signed: &mut Signed) -
         "scope": "read:orders write:orders", "roles": ["admin"], "plan": "pro", "tenant_id": "t-1"
     });
     let mut raw_header: Option<Vec<u8>> = None;
+    // Header changes the SPEC tolerates (ignored members, no kid) keep it acceptable.
+    let mut header_ok = true;
     let mut raw_payload: Option<Vec<u8>> = None;
     if t.chance(25) {
-        match t.below(16) {
+        let m = t.below(16);
+        // jku/jwk are ignored, and without a kid every key of the alg is tried.
+        header_ok = matches!(m, 9 | 10 | 13);
+        match m {
             0 => header["alg"] = "none".into(),
             1 => header["alg"] = "NoNe".into(),
             2 => header["alg"] = "HS512".into(),
@@ -470,6 +492,11 @@ fn token(t: &mut Tape, w: &World, path: &str, now_s: u64, signed: &mut Signed) -
             10 => header["jwk"] = json!({"kty": "oct", "k": b64u(&HS_WRONG)}),
             11 => header["b64"] = false.into(),
             12 => header["alg"] = "ES256".into(),
+            13 => {
+                if let Some(h) = header.as_object_mut() {
+                    h.remove("kid");
+                }
+            }
             _ => {
                 raw_header = Some(
                     t.pick(&[
@@ -485,6 +512,17 @@ fn token(t: &mut Tape, w: &World, path: &str, now_s: u64, signed: &mut Signed) -
                 )
             }
         }
+    }
+    if t.chance(25) {
+        // Hostile values in claims the filter copies into headers, rate-limit keys and the
+        // identity, on an otherwise valid token.
+        let name = *t.pick(&["sub", "tenant_id", "plan", "scope", "roles"]);
+        let v = weird_string(t);
+        claims[name] = if name == "roles" && t.chance(50) {
+            json!([v])
+        } else {
+            json!(v)
+        };
     }
     for _ in 0..3 {
         if !t.chance(12) {
@@ -597,6 +635,7 @@ fn token(t: &mut Tape, w: &World, path: &str, now_s: u64, signed: &mut Signed) -
             }
         }
     }
+    header_ok &= raw_header.is_none();
     let hb = raw_header.unwrap_or_else(|| serde_json::to_vec(&header).expect("json"));
     let pb = raw_payload.unwrap_or_else(|| serde_json::to_vec(&claims).expect("json"));
     let signing_input = format!("{}.{}", b64u(&hb), b64u(&pb));
@@ -625,7 +664,11 @@ fn token(t: &mut Tape, w: &World, path: &str, now_s: u64, signed: &mut Signed) -
                 s[i] = if s[i] == b'A' { b'B' } else { b'A' };
                 String::from_utf8(s).unwrap_or_default()
             }
-            8 => b64u(&hmac256(&HS_PARTNER, &[signing_input.as_bytes()])),
+            // Another provider's real key (key confusion across providers).
+            8 => {
+                let other = if provider == "partner" { &HS_MAIN } else { &HS_PARTNER };
+                b64u(&hmac256(other, &[signing_input.as_bytes()]))
+            }
             _ => weird_string(t),
         };
         (s, false)
@@ -646,10 +689,15 @@ fn token(t: &mut Tape, w: &World, path: &str, now_s: u64, signed: &mut Signed) -
         };
     }
     if valid {
-        let sub = serde_json::from_slice::<Value>(&pb)
-            .ok()
-            .and_then(|c| c.get("sub").and_then(Value::as_str).map(str::to_string));
-        signed.tokens.insert(tok.clone(), (provider, sub));
+        let claims = serde_json::from_slice::<Value>(&pb).ok();
+        signed.tokens.insert(
+            tok.clone(),
+            TokenFacts {
+                provider,
+                header_ok,
+                claims,
+            },
+        );
     }
     tok
 }
@@ -1342,13 +1390,22 @@ fn check_world(w: &World, signed: &Signed, r: &Req, run: &Run) -> Result<(), Tes
                 }
                 AuthMethod::Jwt(provider) => {
                     let tok = presented_bearer.unwrap_or("");
-                    let Some((p, sub)) = signed.tokens.get(tok) else {
+                    let Some(f) = signed.tokens.get(tok) else {
                         return Err(TestCaseError::fail(format!(
                             "forwarded with a token the test never signed: {tok:?}"
                         )));
                     };
-                    prop_assert_eq!(provider.as_str(), *p);
-                    prop_assert_eq!(Some(&id.subject), sub.as_ref());
+                    prop_assert_eq!(provider.as_str(), f.provider);
+                    prop_assert!(f.header_ok, "admitted a token with a refused header: {}", tok);
+                    let claims = f.claims.as_ref().and_then(Value::as_object);
+                    let Some(claims) = claims else {
+                        return Err(TestCaseError::fail("admitted a token whose payload is not an object"));
+                    };
+                    claims_acceptable(f.provider, claims, r.now_ms / 1000)?;
+                    prop_assert_eq!(
+                        Some(id.subject.as_str()),
+                        claims.get("sub").and_then(Value::as_str)
+                    );
                     if provider == "main" {
                         prop_assert!(
                             authz.is_empty() || run_removes(run, "authorization"),
@@ -1387,6 +1444,51 @@ fn check_world(w: &World, signed: &Signed, r: &Req, run: &Run) -> Result<(), Tes
             key.0,
             key.1
         );
+    }
+    Ok(())
+}
+
+/// The SPEC's claim rules for the test's providers, checked independently of the filter.
+fn claims_acceptable(
+    provider: &str,
+    c: &Map<String, Value>,
+    now_s: u64,
+) -> Result<(), TestCaseError> {
+    let (iss, aud, skew, require_exp) = match provider {
+        "main" => (ISS, Some(AUD), 30, true),
+        "partner" => (PARTNER_ISS, None, 60, false),
+        _ => (IDP_ISS, None, 60, true),
+    };
+    let date = |name: &str| -> Result<Option<u64>, TestCaseError> {
+        match c.get(name) {
+            None => Ok(None),
+            Some(v) => match (v.as_u64(), v.as_f64()) {
+                (Some(u), _) => Ok(Some(u)),
+                (None, Some(f)) if (0.0..9.2e18).contains(&f) => Ok(Some(f as u64)),
+                _ => Err(TestCaseError::fail(format!("admitted a bad {name}: {v}"))),
+            },
+        }
+    };
+    prop_assert_eq!(c.get("iss").and_then(Value::as_str), Some(iss), "iss");
+    if let Some(aud) = aud {
+        let ok = match c.get("aud") {
+            Some(Value::String(a)) => a == aud,
+            Some(Value::Array(l)) => {
+                l.iter().all(Value::is_string) && l.iter().any(|a| a.as_str() == Some(aud))
+            }
+            _ => false,
+        };
+        prop_assert!(ok, "admitted aud {:?}", c.get("aud"));
+    }
+    match date("exp")? {
+        Some(exp) => prop_assert!(now_s < exp.saturating_add(skew), "admitted an expired token"),
+        None => prop_assert!(!require_exp, "admitted a token without exp"),
+    }
+    if let Some(nbf) = date("nbf")? {
+        prop_assert!(now_s >= nbf.saturating_sub(skew), "admitted a token before nbf");
+    }
+    if let Some(iat) = date("iat")? {
+        prop_assert!(iat <= now_s.saturating_add(skew), "admitted a token issued in the future");
     }
     Ok(())
 }
