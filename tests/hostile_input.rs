@@ -524,6 +524,17 @@ fn token(t: &mut Tape, w: &World, path: &str, now_s: u64, signed: &mut Signed) -
             json!(v)
         };
     }
+    if t.chance(25) {
+        // Time claims around the skew boundaries (30 s for main, 60 s for the others).
+        let name = *t.pick(&["exp", "nbf", "iat"]);
+        let skew = *t.pick(&[0i64, 29, 30, 31, 59, 60, 61, 3600]);
+        let v = if t.chance(50) {
+            now_s as i64 + skew
+        } else {
+            now_s as i64 - skew
+        };
+        claims[name] = json!(v);
+    }
     for _ in 0..3 {
         if !t.chance(12) {
             continue;
