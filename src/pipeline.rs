@@ -182,7 +182,7 @@ pub fn on_request_headers(cfg: &Config, req: &Request, ex: &mut Exchange, env: &
             return Verdict::Reply(LocalReply::new(
                 ErrorCode::InvalidRequest,
                 format!("invalid path: {e}"),
-            ))
+            ));
         }
     };
     ex.matched = cfg

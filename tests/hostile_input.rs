@@ -152,7 +152,8 @@ struct World {
 }
 
 fn world_doc(es: &SigningKey, ed: &ed25519_compact::KeyPair) -> Value {
-    let bucket = |c: u64, r: u64, p: u64| json!({"capacity": c, "refill_tokens": r, "refill_period_s": p});
+    let bucket =
+        |c: u64, r: u64, p: u64| json!({"capacity": c, "refill_tokens": r, "refill_period_s": p});
     json!({
         "client_ip": {"xff_trusted_hops": 1},
         "api_keys": {"header": "x-api-key", "keys": [
@@ -335,8 +336,8 @@ fn weird_string(t: &mut Tape) -> String {
 const SEGMENTS: &[&str] = &[
     "api", "orders", "7", "webhooks", "github", "stripe", "standard", "slack", "public", "auth",
     "login", "healthz", "admin", "partner", "remote", "open", ".", "..", "%2e%2e", "%2E", "",
-    "%2F", "%2f", "%5C", "%5c", "\\", "%", "%zz", "%4", "%6Frders", "%41", "é", "\u{1}",
-    "\u{7f}", "a;b", "%00", "%FF", "%C3%A9", "{id}", "*", "~", "%7E", ".%2e", "%2e.",
+    "%2F", "%2f", "%5C", "%5c", "\\", "%", "%zz", "%4", "%6Frders", "%41", "é", "\u{1}", "\u{7f}",
+    "a;b", "%00", "%FF", "%C3%A9", "{id}", "*", "~", "%7E", ".%2e", "%2e.",
 ];
 
 const ROUTE_PATHS: &[&str] = &[
@@ -384,7 +385,8 @@ fn path(t: &mut Tape) -> String {
     let mut p = if t.chance(90) || t.next() % 2 == 0 {
         t.pick(ROUTE_PATHS).to_string()
     } else {
-        t.pick(&["", "api", "*", "http://x/y", "//", "?q"]).to_string()
+        t.pick(&["", "api", "*", "http://x/y", "//", "?q"])
+            .to_string()
     };
     if t.chance(30) {
         for _ in 0..=t.below(5) {
@@ -598,19 +600,31 @@ fn token(t: &mut Tape, w: &World, path: &str, now_s: u64, signed: &mut Signed) -
                     0 => json!(5),
                     1 => json!(["read:orders", 1]),
                     2 => json!("admin"),
-                    3 => json!((0..300).map(|i| format!("s{i}")).collect::<Vec<_>>().join(" ")),
+                    3 => json!((0..300)
+                        .map(|i| format!("s{i}"))
+                        .collect::<Vec<_>>()
+                        .join(" ")),
                     _ => json!("read:orders\nx"),
                 };
                 c.insert("scope".into(), v);
             }
             17 => {
-                c.insert("roles".into(), json!(t.pick(&[json!("admin"), json!({}), json!(["a b"])])));
+                c.insert(
+                    "roles".into(),
+                    json!(t.pick(&[json!("admin"), json!({}), json!(["a b"])])),
+                );
             }
             18 => {
                 c.insert(
                     "plan".into(),
-                    t.pick(&[json!("free"), json!("internal"), json!("has space"), json!(7), json!("")])
-                        .clone(),
+                    t.pick(&[
+                        json!("free"),
+                        json!("internal"),
+                        json!("has space"),
+                        json!(7),
+                        json!(""),
+                    ])
+                    .clone(),
                 );
             }
             19 => {
@@ -620,7 +634,10 @@ fn token(t: &mut Tape, w: &World, path: &str, now_s: u64, signed: &mut Signed) -
                 c.insert("tenant_id".into(), json!(weird_string(t)));
             }
             21 => {
-                c.insert("tenant_id".into(), json!({"nested": {"deep": [1, 2, {"x": null}]}}));
+                c.insert(
+                    "tenant_id".into(),
+                    json!({"nested": {"deep": [1, 2, {"x": null}]}}),
+                );
             }
             22 => {
                 c.insert("pad".into(), json!("p".repeat(70_000)));
@@ -641,7 +658,8 @@ fn token(t: &mut Tape, w: &World, path: &str, now_s: u64, signed: &mut Signed) -
                 );
                 if t.chance(30) {
                     // Beyond serde_json's recursion limit.
-                    raw_payload = Some(format!("{}{}", "[".repeat(300), "]".repeat(300)).into_bytes());
+                    raw_payload =
+                        Some(format!("{}{}", "[".repeat(300), "]".repeat(300)).into_bytes());
                 }
             }
         }
@@ -677,7 +695,11 @@ fn token(t: &mut Tape, w: &World, path: &str, now_s: u64, signed: &mut Signed) -
             }
             // Another provider's real key (key confusion across providers).
             8 => {
-                let other = if provider == "partner" { &HS_MAIN } else { &HS_PARTNER };
+                let other = if provider == "partner" {
+                    &HS_MAIN
+                } else {
+                    &HS_PARTNER
+                };
                 b64u(&hmac256(other, &[signing_input.as_bytes()]))
             }
             _ => weird_string(t),
@@ -715,13 +737,7 @@ fn token(t: &mut Tape, w: &World, path: &str, now_s: u64, signed: &mut Signed) -
 
 const URL_ALPHABET: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
-fn authorization(
-    t: &mut Tape,
-    w: &World,
-    path: &str,
-    now_s: u64,
-    signed: &mut Signed,
-) -> String {
+fn authorization(t: &mut Tape, w: &World, path: &str, now_s: u64, signed: &mut Signed) -> String {
     let tok = token(t, w, path, now_s, signed);
     match t.below(14) {
         0..=6 => format!("Bearer {tok}"),
@@ -786,7 +802,15 @@ fn webhook_delivery(
     let mut valid = true;
     if t.chance(8) {
         ts = t
-            .pick(&["", "12a", "-5", "99999999999999999999", "1e9", " 1700000000", "+1"])
+            .pick(&[
+                "",
+                "12a",
+                "-5",
+                "99999999999999999999",
+                "1e9",
+                " 1700000000",
+                "+1",
+            ])
             .to_string();
     }
     let mut sig_ok = !t.chance(20);
@@ -794,7 +818,11 @@ fn webhook_delivery(
     match route {
         "gh" => {
             let secret = *t.pick(&GITHUB_SECRETS);
-            let key = if sig_ok { secret.as_bytes() } else { b"wrong".as_slice() };
+            let key = if sig_ok {
+                secret.as_bytes()
+            } else {
+                b"wrong".as_slice()
+            };
             let mut h = format!("sha256={}", hex::encode(hmac256(key, &[&body])));
             match t.below(10) {
                 0 => h = h.to_uppercase(),
@@ -818,7 +846,11 @@ fn webhook_delivery(
             }
         }
         "stripe" => {
-            let key = if sig_ok { STRIPE_SECRET.as_bytes() } else { b"whsec_wrong".as_slice() };
+            let key = if sig_ok {
+                STRIPE_SECRET.as_bytes()
+            } else {
+                b"whsec_wrong".as_slice()
+            };
             let mac = hex::encode(hmac256(key, &[ts.as_bytes(), b".", &body]));
             let mut h = format!("t={ts},v1={mac}");
             match t.below(8) {
@@ -873,7 +905,11 @@ fn webhook_delivery(
             headers.push(("webhook-signature".into(), sig));
         }
         _ => {
-            let key = if sig_ok { SLACK_SECRET.as_bytes() } else { b"wrong".as_slice() };
+            let key = if sig_ok {
+                SLACK_SECRET.as_bytes()
+            } else {
+                b"wrong".as_slice()
+            };
             let mac = hex::encode(hmac256(key, &[b"v0:", ts.as_bytes(), b":", &body]));
             headers.push(("x-slack-request-timestamp".into(), ts.clone()));
             headers.push(("x-slack-signature".into(), format!("v0={mac}")));
@@ -956,11 +992,16 @@ fn request(t: &mut Tape, w: &World, now_ms: u64, signed: &mut Signed) -> Req {
         (":authority".into(), "api.example.com".into()),
     ];
     let mut body = Vec::new();
-    let hook = ["/webhooks/github", "/webhooks/stripe", "/webhooks/standard", "/webhooks/slack"]
-        .iter()
-        .zip(["gh", "stripe", "std", "slack"])
-        .find(|(p, _)| path.starts_with(**p))
-        .map(|(_, r)| r);
+    let hook = [
+        "/webhooks/github",
+        "/webhooks/stripe",
+        "/webhooks/standard",
+        "/webhooks/slack",
+    ]
+    .iter()
+    .zip(["gh", "stripe", "std", "slack"])
+    .find(|(p, _)| path.starts_with(**p))
+    .map(|(_, r)| r);
     if let Some(route) = hook.filter(|_| !t.chance(10)) {
         let (h, b) = webhook_delivery(t, w, route, now_s, signed);
         headers.extend(h);
@@ -974,9 +1015,15 @@ fn request(t: &mut Tape, w: &World, now_ms: u64, signed: &mut Signed) -> Req {
         body = t.bytes(200);
     }
     if t.chance(60) {
-        headers.push(("authorization".into(), authorization(t, w, &path, now_s, signed)));
+        headers.push((
+            "authorization".into(),
+            authorization(t, w, &path, now_s, signed),
+        ));
         if t.chance(8) {
-            headers.push(("authorization".into(), authorization(t, w, &path, now_s, signed)));
+            headers.push((
+                "authorization".into(),
+                authorization(t, w, &path, now_s, signed),
+            ));
         }
     }
     if t.chance(35) {
@@ -994,7 +1041,15 @@ fn request(t: &mut Tape, w: &World, now_ms: u64, signed: &mut Signed) -> Req {
             4 => "content-length".to_string(),
             5 => "x-user".to_string(),
             6 => t.pick(WEBHOOK_HEADERS).to_string(),
-            7 => t.pick(&["Authorization", "X-API-KEY", "", "x-\u{0}", "authorization "]).to_string(),
+            7 => t
+                .pick(&[
+                    "Authorization",
+                    "X-API-KEY",
+                    "",
+                    "x-\u{0}",
+                    "authorization ",
+                ])
+                .to_string(),
             8 => "h".repeat(t.pick(&[1usize, 300, 10_000]).to_owned()),
             9 => "access-control-request-method".to_string(),
             _ => format!("x-{}", t.next() % 50),
@@ -1002,7 +1057,15 @@ fn request(t: &mut Tape, w: &World, now_ms: u64, signed: &mut Signed) -> Req {
         let value = match name.as_str() {
             "x-forwarded-for" => xff(t),
             "content-length" => t
-                .pick(&["0", "10", "-1", "99999999999999999999", "abc", "2049", " 5 "])
+                .pick(&[
+                    "0",
+                    "10",
+                    "-1",
+                    "99999999999999999999",
+                    "abc",
+                    "2049",
+                    " 5 ",
+                ])
                 .to_string(),
             "x-user" => t.pick(&["alice", "bob", ""]).to_string(),
             _ => weird_string(t),
@@ -1034,7 +1097,11 @@ fn request(t: &mut Tape, w: &World, now_ms: u64, signed: &mut Signed) -> Req {
     let mut chunks = Vec::new();
     let mut rest = &body[..];
     while !rest.is_empty() && chunks.len() < 8 {
-        let n = if t.chance(20) { 0 } else { 1 + t.below(rest.len()) };
+        let n = if t.chance(20) {
+            0
+        } else {
+            1 + t.below(rest.len())
+        };
         chunks.push(rest[..n].to_vec());
         rest = &rest[n..];
     }
@@ -1144,7 +1211,9 @@ fn drive(cfg: &Config, store: &MemoryStore, r: &Req, t: &mut Tape) -> Result<Run
                     3 => Some(match t.below(4) {
                         0 => br#"{"keys":[{"kty":"RSA","n":"AQAB","e":"AQAB"}]}"#.to_vec(),
                         // Over the size limit, nested past the recursion limit, too many keys.
-                        1 => format!(r#"{{"keys":[],"pad":"{}"}}"#, "p".repeat(300_000)).into_bytes(),
+                        1 => {
+                            format!(r#"{{"keys":[],"pad":"{}"}}"#, "p".repeat(300_000)).into_bytes()
+                        }
                         2 => format!("{}{}", "[".repeat(5_000), "]".repeat(5_000)).into_bytes(),
                         _ => serde_json::to_vec(&json!({"keys": vec![
                             json!({"kty": "oct", "k": b64u(&HS_IDP)}); 65]}))
@@ -1163,7 +1232,9 @@ fn drive(cfg: &Config, store: &MemoryStore, r: &Req, t: &mut Tape) -> Result<Run
             }
         }
     }
-    Err(TestCaseError::fail("the pipeline did not settle in 64 steps"))
+    Err(TestCaseError::fail(
+        "the pipeline did not settle in 64 steps",
+    ))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1175,8 +1246,9 @@ fn header_safe(v: &str) -> bool {
 
 fn header_name_ok(n: &str) -> bool {
     !n.is_empty()
-        && n.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.!#$%&'*+^`|~".contains(&b))
+        && n.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.!#$%&'*+^`|~".contains(&b)
+        })
 }
 
 fn count(h: &[(String, String)], name: &str) -> usize {
@@ -1274,13 +1346,19 @@ fn check_forward(
         prop_assert!(e.set.contains(&(ih.tier.clone(), id.tier.clone())));
     }
     for (k, v) in &run.ex.response_headers {
-        prop_assert!(header_name_ok(k) && header_safe(v), "response header {}: {:?}", k, v);
+        prop_assert!(
+            header_name_ok(k) && header_safe(v),
+            "response header {}: {:?}",
+            k,
+            v
+        );
     }
     // The response side with a hostile upstream header map.
     let upstream: Vec<(String, String)> = (0..t.below(4))
         .map(|_| {
             (
-                t.pick(&["vary", "x-frame-options", "ratelimit", "x-other"]).to_string(),
+                t.pick(&["vary", "x-frame-options", "ratelimit", "x-other"])
+                    .to_string(),
                 weird_string(t),
             )
         })
@@ -1386,7 +1464,11 @@ fn check_world(w: &World, signed: &Signed, r: &Req, run: &Run) -> Result<(), Tes
         let presented_bearer = authz.first().and_then(|a| bearer(a));
         match id {
             None => {
-                prop_assert!(mode == "optional", "required route {:?} forwarded anonymously", route);
+                prop_assert!(
+                    mode == "optional",
+                    "required route {:?} forwarded anonymously",
+                    route
+                );
                 prop_assert!(
                     presented_key.is_none() && presented_bearer.is_none(),
                     "optional route {:?} ignored a presented credential",
@@ -1395,8 +1477,12 @@ fn check_world(w: &World, signed: &Signed, r: &Req, run: &Run) -> Result<(), Tes
             }
             Some(id) => match &id.method {
                 AuthMethod::ApiKey => {
+                    prop_assert_eq!(count(&r.headers, "x-api-key"), 1, "repeated API key");
                     let k = presented_key.map(str::trim);
-                    let expect = API_KEYS.iter().find(|(key, _)| Some(*key) == k).map(|(_, id)| *id);
+                    let expect = API_KEYS
+                        .iter()
+                        .find(|(key, _)| Some(*key) == k)
+                        .map(|(_, id)| *id);
                     prop_assert_eq!(Some(id.client.as_str()), expect, "API key identity");
                 }
                 AuthMethod::Jwt(provider) => {
@@ -1407,10 +1493,16 @@ fn check_world(w: &World, signed: &Signed, r: &Req, run: &Run) -> Result<(), Tes
                         )));
                     };
                     prop_assert_eq!(provider.as_str(), f.provider);
-                    prop_assert!(f.header_ok, "admitted a token with a refused header: {}", tok);
+                    prop_assert!(
+                        f.header_ok,
+                        "admitted a token with a refused header: {}",
+                        tok
+                    );
                     let claims = f.claims.as_ref().and_then(Value::as_object);
                     let Some(claims) = claims else {
-                        return Err(TestCaseError::fail("admitted a token whose payload is not an object"));
+                        return Err(TestCaseError::fail(
+                            "admitted a token whose payload is not an object",
+                        ));
                     };
                     claims_acceptable(f.provider, claims, r.now_ms / 1000)?;
                     prop_assert_eq!(
@@ -1448,7 +1540,11 @@ fn check_world(w: &World, signed: &Signed, r: &Req, run: &Run) -> Result<(), Tes
     }
     if webhook.is_some() {
         let route = route.unwrap_or("").to_string();
-        let key = (route, signed_part(route_of(run, cfg), &r.headers), run.fed.clone());
+        let key = (
+            route,
+            signed_part(route_of(run, cfg), &r.headers),
+            run.fed.clone(),
+        );
         prop_assert!(
             signed.deliveries.contains(&key),
             "webhook route {:?} forwarded a delivery the test did not sign: {:?}",
@@ -1492,14 +1588,23 @@ fn claims_acceptable(
         prop_assert!(ok, "admitted aud {:?}", c.get("aud"));
     }
     match date("exp")? {
-        Some(exp) => prop_assert!(now_s < exp.saturating_add(skew), "admitted an expired token"),
+        Some(exp) => prop_assert!(
+            now_s < exp.saturating_add(skew),
+            "admitted an expired token"
+        ),
         None => prop_assert!(!require_exp, "admitted a token without exp"),
     }
     if let Some(nbf) = date("nbf")? {
-        prop_assert!(now_s >= nbf.saturating_sub(skew), "admitted a token before nbf");
+        prop_assert!(
+            now_s >= nbf.saturating_sub(skew),
+            "admitted a token before nbf"
+        );
     }
     if let Some(iat) = date("iat")? {
-        prop_assert!(iat <= now_s.saturating_add(skew), "admitted a token issued in the future");
+        prop_assert!(
+            iat <= now_s.saturating_add(skew),
+            "admitted a token issued in the future"
+        );
     }
     Ok(())
 }
@@ -1515,7 +1620,11 @@ fn run_removes(run: &Run, name: &str) -> bool {
 /// What identifies an accepted webhook delivery, to catch one accepted twice.
 fn delivery_key(cfg: &Config, r: &Req, run: &Run) -> (String, Vec<(String, String)>, Vec<u8>) {
     let route = route_of(run, cfg);
-    (route.to_string(), signed_part(route, &r.headers), run.fed.clone())
+    (
+        route.to_string(),
+        signed_part(route, &r.headers),
+        run.fed.clone(),
+    )
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1674,10 +1783,33 @@ fn hostile_value(t: &mut Tape) -> Value {
         16 => json!({"env": "MISSING_VAR"}),
         17 => json!(t
             .pick(&[
-                "X-Upper", "a b", "x\r\n", "/a/../b", "/a%2Fb", "/{}", "none", "HS256", "RS256",
-                "whsec_", "whpk_AAAA", "whsk_x", "header:", "claim:", "jwt:", "jwt:nope", "api_key",
-                "required", "optional", "deny", "allow", "*", "null", "{id}", "/x/{id}/{id}",
-                "https://*.example.com", "\u{0}",
+                "X-Upper",
+                "a b",
+                "x\r\n",
+                "/a/../b",
+                "/a%2Fb",
+                "/{}",
+                "none",
+                "HS256",
+                "RS256",
+                "whsec_",
+                "whpk_AAAA",
+                "whsk_x",
+                "header:",
+                "claim:",
+                "jwt:",
+                "jwt:nope",
+                "api_key",
+                "required",
+                "optional",
+                "deny",
+                "allow",
+                "*",
+                "null",
+                "{id}",
+                "/x/{id}/{id}",
+                "https://*.example.com",
+                "\u{0}",
             ])
             .to_string()),
         18 => json!("z".repeat(10_000)),
@@ -1744,8 +1876,17 @@ fn mutate(t: &mut Tape, doc: &mut Value) -> Vec<PathPart> {
 }
 
 fn weird_key(t: &mut Tape) -> String {
-    t.pick(&["unknown", "", "routes", "\u{0}", "a b", "default", "anonymous", "x-api-key"])
-        .to_string()
+    t.pick(&[
+        "unknown",
+        "",
+        "routes",
+        "\u{0}",
+        "a b",
+        "default",
+        "anonymous",
+        "x-api-key",
+    ])
+    .to_string()
 }
 
 #[test]
