@@ -276,6 +276,9 @@ fn fresh_store(cfg: &Config) -> MemoryStore {
     store
 }
 
+/// (webhook route, the scheme's signed headers, sorted, body).
+type Delivery = (String, Vec<(String, String)>, Vec<u8>);
+
 /// A token the test signed with its provider's real key.
 struct TokenFacts {
     provider: &'static str,
@@ -292,7 +295,7 @@ struct Signed {
     /// Token -> (provider, `sub` claim if it is a string).
     tokens: HashMap<String, TokenFacts>,
     /// (webhook route, the scheme's header values in request order, body).
-    deliveries: HashSet<(String, Vec<(String, String)>, Vec<u8>)>,
+    deliveries: HashSet<Delivery>,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -382,7 +385,7 @@ fn path(t: &mut Tape) -> String {
             _ => format!("/api/orders/{}", "x/".repeat(20_000)),
         };
     }
-    let mut p = if t.chance(90) || t.next() % 2 == 0 {
+    let mut p = if t.chance(90) || t.next().is_multiple_of(2) {
         t.pick(ROUTE_PATHS).to_string()
     } else {
         t.pick(&["", "api", "*", "http://x/y", "//", "?q"])
@@ -431,7 +434,7 @@ fn token(t: &mut Tape, w: &World, path: &str, now_s: u64, signed: &mut Signed) -
         "main"
     };
     let provider: &'static str = if t.chance(20) {
-        *t.pick(&["main", "partner", "idp"])
+        t.pick::<&str>(&["main", "partner", "idp"])
     } else {
         natural
     };
@@ -669,7 +672,7 @@ fn token(t: &mut Tape, w: &World, path: &str, now_s: u64, signed: &mut Signed) -
     let pb = raw_payload.unwrap_or_else(|| serde_json::to_vec(&claims).expect("json"));
     let signing_input = format!("{}.{}", b64u(&hb), b64u(&pb));
     let good_sig = b64u(&hmac256(key, &[signing_input.as_bytes()]));
-    let (sig, valid) = if t.chance(75) || t.next() % 3 == 0 {
+    let (sig, valid) = if t.chance(75) || t.next().is_multiple_of(3) {
         (good_sig, true)
     } else {
         let s = match t.below(10) {
@@ -922,7 +925,7 @@ fn webhook_delivery(
         }
     }
     if t.chance(8) {
-        headers.retain(|_| t.next() % 2 == 0);
+        headers.retain(|_| t.next().is_multiple_of(2));
     }
     valid &= sig_ok;
     if valid {
@@ -1618,7 +1621,7 @@ fn run_removes(run: &Run, name: &str) -> bool {
 }
 
 /// What identifies an accepted webhook delivery, to catch one accepted twice.
-fn delivery_key(cfg: &Config, r: &Req, run: &Run) -> (String, Vec<(String, String)>, Vec<u8>) {
+fn delivery_key(cfg: &Config, r: &Req, run: &Run) -> Delivery {
     let route = route_of(run, cfg);
     (
         route.to_string(),
