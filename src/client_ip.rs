@@ -37,15 +37,12 @@ pub fn resolve<'a>(
         None => return peer_ip,
     };
     let mut entries = xff.rsplit(',').map(str::trim);
-    let mut n = trusted_hops as usize;
     if envoy_appended {
         entries.next();
     }
-    let mut cur = entries.next();
-    while n > 1 {
-        cur = entries.next();
-        n -= 1;
-    }
+    // `nth` stops at the end of the header: the work is bounded by the header, never by
+    // `trusted_hops` (a huge configured value used to spin ~4e9 times per request).
+    let cur = entries.nth((trusted_hops - 1) as usize);
     match cur {
         Some(ip) if is_ip(ip) => Some(ip),
         // Too few hops or garbage: the nearest address we can trust is the peer.
@@ -118,5 +115,18 @@ mod tests {
         assert_eq!(resolve(1, true, None, peer), Some("10.0.0.1"));
         assert_eq!(resolve(1, true, Some("192.0.2.2"), peer), Some("10.0.0.1"));
         assert_eq!(resolve(1, false, Some(""), peer), Some("10.0.0.1"));
+    }
+
+    #[test]
+    fn a_huge_hop_count_costs_no_more_than_the_header() {
+        // Used to loop `trusted_hops` times whatever the header held (seconds per request).
+        let t = std::time::Instant::now();
+        let peer = Some("10.0.0.1:1");
+        assert_eq!(
+            resolve(u32::MAX, true, Some("1.1.1.1, 2.2.2.2"), peer),
+            Some("10.0.0.1")
+        );
+        assert_eq!(resolve(u32::MAX, false, Some(""), peer), Some("10.0.0.1"));
+        assert!(t.elapsed() < std::time::Duration::from_millis(100));
     }
 }

@@ -191,10 +191,13 @@ pub fn on_request_headers(cfg: &Config, req: &Request, ex: &mut Exchange, env: &
     let path = match routes::normalize(req.path) {
         Ok(p) => p,
         Err(e) => {
+            // As for every other reply: the request is finished (the glue's body callbacks
+            // look at the stage).
+            ex.stage = Stage::Done;
             return Verdict::Reply(LocalReply::new(
                 ErrorCode::InvalidRequest,
                 format!("invalid path: {e}"),
-            ))
+            ));
         }
     };
     ex.matched = cfg
@@ -246,6 +249,13 @@ pub fn run(cfg: &Config, req: &Request, ex: &mut Exchange, env: &Env) -> Verdict
 /// Whether the pipeline waits for the request body (after [`Wait::Body`]).
 pub fn waits_for_body(ex: &Exchange) -> bool {
     webhook_stage::waits_for_body(ex)
+}
+
+/// The most body bytes the glue should copy out of the host for the next
+/// [`on_request_body`] call: a body check needs at most one byte past its limit to refuse
+/// it, so a client's oversized body is never copied into the VM.
+pub fn body_read_limit(ex: &Exchange) -> usize {
+    webhook_stage::body_read_limit(ex)
 }
 
 /// What the glue does after [`on_request_body`].
@@ -385,9 +395,12 @@ mod tests {
     fn bad_paths_get_400() {
         let c = cfg("{}");
         for p in ["/a%2Fb", "/a%5c", "/../x", "/a/%2e%2e/%2e%2e", "/a%zz"] {
-            match go(&c, "GET", p, &[]).0 {
-                Verdict::Reply(r) => assert_eq!(r.code, ErrorCode::InvalidRequest, "{p}"),
-                v => panic!("{p}: {v:?}"),
+            match go(&c, "GET", p, &[]) {
+                (Verdict::Reply(r), ex) => {
+                    assert_eq!(r.code, ErrorCode::InvalidRequest, "{p}");
+                    assert_eq!(ex.stage, Stage::Done, "{p}");
+                }
+                (v, _) => panic!("{p}: {v:?}"),
             }
         }
     }

@@ -54,6 +54,17 @@ pub fn credentials(cfg: &Config, req: &Request, ex: &mut Exchange, env: &Env) ->
             &AuthError::InvalidRequest("more than one authorization header"),
         ));
     }
+    // The same ambiguity for the API key header (Envoy keeps repeats of non-inline headers
+    // as separate entries): the filter would authenticate the first while the upstream may
+    // read another, so refuse rather than pick one.
+    if let Some(h) = a.api_key_header() {
+        if auth.methods.iter().any(|m| m == "api_key") && req.header_count(h) > 1 {
+            return Step::Reply(reply(
+                cfg,
+                &AuthError::InvalidRequest("more than one API key header"),
+            ));
+        }
+    }
     let creds = Credentials {
         authorization: req.header("authorization"),
         api_key: a.api_key_header().and_then(|h| req.header(h)),
@@ -94,5 +105,54 @@ pub fn scopes(cfg: &Config, _req: &Request, ex: &mut Exchange, _env: &Env) -> St
     match cfg.auth.authorize(auth, ex.identity.as_ref()) {
         Ok(()) => Step::Next,
         Err(e) => Step::Reply(reply(cfg, &e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::pipeline::{on_request_headers, Env, Exchange, Request, Verdict};
+    use crate::reply::ErrorCode;
+    use crate::store::MemoryStore;
+    use sha2::{Digest, Sha256};
+
+    #[test]
+    fn a_repeated_api_key_header_is_refused_not_guessed_at() {
+        let doc = format!(
+            r#"{{"api_keys":{{"keys":[{{"id":"a","sha256":"{}"}}]}},
+                "routes":[{{"name":"k","match":{{"prefix":"/"}},
+                            "auth":{{"mode":"required","methods":["api_key"]}}}}]}}"#,
+            hex::encode(Sha256::digest(b"good"))
+        );
+        let cfg = crate::config::parse(doc.as_bytes(), &|_| None).unwrap().0;
+        let store = MemoryStore::new();
+        let env = Env {
+            now_ms: 1_700_000_000_000,
+            store: &store,
+        };
+        let go = |keys: &[&str]| {
+            let headers: Vec<(String, String)> = keys
+                .iter()
+                .map(|k| ("x-api-key".to_string(), k.to_string()))
+                .collect();
+            let req = Request {
+                method: "GET",
+                path: "/x",
+                headers: &headers,
+                source_address: Some("10.0.0.1:1"),
+                route_name: None,
+            };
+            on_request_headers(&cfg, &req, &mut Exchange::default(), &env)
+        };
+        assert!(matches!(go(&["good"]), Verdict::Forward(_)));
+        for keys in [
+            &["good", "other"][..],
+            &["other", "good"],
+            &["good", "good"],
+        ] {
+            match go(keys) {
+                Verdict::Reply(r) => assert_eq!(r.code, ErrorCode::InvalidRequest, "{keys:?}"),
+                v => panic!("{keys:?}: {v:?}"),
+            }
+        }
     }
 }

@@ -206,6 +206,31 @@ fn compile_policy(
                 ));
             }
         }
+        // Scopes are echoed in `www-authenticate: Bearer ..., scope="..."`: a quote, a
+        // backslash or a control character there would break (or split) that header. And a
+        // name with a space can never match, since token scopes are space-delimited.
+        for (field, list, quoted) in [
+            ("scopes_all", &a.scopes_all, true),
+            ("scopes_any", &a.scopes_any, true),
+            ("roles_any", &a.roles_any, false),
+        ] {
+            for (j, s) in list.iter().enumerate() {
+                let ok = !s.is_empty()
+                    && s.len() <= 256
+                    && s.bytes()
+                        .all(|b| b.is_ascii_graphic() && !(quoted && matches!(b, b'"' | b'\\')));
+                if !ok {
+                    return Err(ConfigError::new(
+                        format!("{ap}.{field}[{j}]"),
+                        if quoted {
+                            "a scope is 1-256 visible ASCII characters, without spaces, '\"' or '\\'"
+                        } else {
+                            "a role is 1-256 visible ASCII characters, without spaces"
+                        },
+                    ));
+                }
+            }
+        }
         if a.mode == "none"
             && !(a.scopes_all.is_empty() && a.scopes_any.is_empty() && a.roles_any.is_empty())
         {
@@ -344,6 +369,12 @@ pub fn compile(raw: RawConfig, env: EnvLookup<'_>) -> Result<(Config, Vec<Warnin
                 stripped.push(header.clone());
             }
         }
+    }
+
+    if let Some(k) = &raw.api_keys {
+        // Envoy hands the filter lower-case names: an upper-case or malformed name here
+        // would silently never match, failing every API-key request as "missing".
+        check_header_name("api_keys.header", &k.header)?;
     }
 
     let mut security_headers: Vec<(String, String)> = DEFAULT_SECURITY_HEADERS
@@ -553,6 +584,50 @@ mod tests {
         assert_eq!(
             err(r#"{"default_route":{"quota":true}}"#).path,
             "default_route.quota"
+        );
+    }
+
+    #[test]
+    fn scopes_roles_and_the_api_key_header_are_checked() {
+        let route = |auth: &str| {
+            format!(
+                r#"{{"api_keys":{{"keys":[]}},"routes":[{{"name":"a","match":{{"path":"/a"}},"auth":{auth}}}]}}"#
+            )
+        };
+        // A quote would end the quoted scope in `www-authenticate`; CR/LF would split it.
+        for (auth, path) in [
+            (
+                r#"{"mode":"required","methods":["api_key"],"scopes_all":["a\"b"]}"#,
+                "routes[0].auth.scopes_all[0]",
+            ),
+            (
+                r#"{"mode":"required","methods":["api_key"],"scopes_any":["ok","x\r\nset-cookie: a"]}"#,
+                "routes[0].auth.scopes_any[1]",
+            ),
+            (
+                r#"{"mode":"required","methods":["api_key"],"scopes_all":["a b"]}"#,
+                "routes[0].auth.scopes_all[0]",
+            ),
+            (
+                r#"{"mode":"required","methods":["api_key"],"roles_any":[""]}"#,
+                "routes[0].auth.roles_any[0]",
+            ),
+        ] {
+            assert_eq!(err(&route(auth)).path, path, "{auth}");
+        }
+        assert!(parse(
+            route(r#"{"mode":"required","methods":["api_key"],"scopes_all":["read:orders"],"roles_any":["admin"]}"#)
+                .as_bytes(),
+            &no_env
+        )
+        .is_ok());
+        assert_eq!(
+            err(r#"{"api_keys":{"header":"X-Api-Key","keys":[]}}"#).path,
+            "api_keys.header"
+        );
+        assert_eq!(
+            err(r#"{"api_keys":{"header":"","keys":[]}}"#).path,
+            "api_keys.header"
         );
     }
 

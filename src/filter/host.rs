@@ -5,7 +5,7 @@ use crate::ratelimit::Event;
 use crate::reply::ErrorCode;
 use crate::store::{SharedStore, StoreError};
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{MetricType, Status};
+use proxy_wasm::types::{BufferType, MapType, MetricType, Status};
 use std::time::UNIX_EPOCH;
 
 /// Envoy shared data (process-wide, every worker's VM sees the same map).
@@ -42,6 +42,47 @@ pub fn utf8_headers(raw: Vec<(String, Vec<u8>)>) -> Vec<(String, String)> {
             (k, v)
         })
         .collect()
+}
+
+/// The body of the finished HTTP callout when it answered 200 with at most `max` bytes, or
+/// why not (for the log). An oversized body is refused before it is copied into the VM: the
+/// peer decides `body_size`, and every worker would otherwise allocate whatever it sends.
+/// Calls the host directly: the SDK's context methods `unwrap()` a host error (VM abort).
+pub fn callout_body(body_size: usize, max: usize) -> Result<Vec<u8>, String> {
+    let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
+        .ok()
+        .flatten();
+    if status.as_deref() != Some(b"200".as_slice()) {
+        let shown = status.map_or_else(
+            || "none".to_string(),
+            |s| String::from_utf8_lossy(&s).chars().take(16).collect(),
+        );
+        return Err(format!("HTTP status {shown}"));
+    }
+    if body_size > max {
+        return Err(format!(
+            "body of {body_size} bytes is over the {max}-byte limit"
+        ));
+    }
+    match hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size) {
+        Ok(b) => Ok(b.unwrap_or_default()),
+        Err(e) => Err(format!("reading the body failed: {e:?}")),
+    }
+}
+
+/// The status and body of an HTTP callout answer, whatever the status (the caller judges);
+/// status 0 when absent or unreadable. The caller bounds `body_size` first.
+pub fn callout_status_and_body(body_size: usize) -> (u32, Vec<u8>) {
+    let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
+        .ok()
+        .flatten()
+        .and_then(|v| std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok()))
+        .unwrap_or(0);
+    let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    (status, body)
 }
 
 /// Unix milliseconds from the host clock (wasm has no clock of its own in Envoy's sense).

@@ -154,17 +154,8 @@ impl Http {
         } else if body_size > quota_client::MAX_ANSWER_BYTES {
             Err("answer too large".to_string())
         } else {
-            let status = self
-                .get_http_call_response_header_bytes(":status")
-                .and_then(|v| {
-                    std::str::from_utf8(&v)
-                        .ok()
-                        .and_then(|s| s.parse::<u32>().ok())
-                })
-                .unwrap_or(0);
-            let body = self
-                .get_http_call_response_body(0, body_size)
-                .unwrap_or_default();
+            // hostcalls directly: the SDK's context methods unwrap() host errors (VM abort).
+            let (status, body) = host::callout_status_and_body(body_size);
             quota_client::parse_answer(status, &body)
         };
         self.breaker.borrow_mut().record(outcome.is_ok(), now);
@@ -297,7 +288,10 @@ impl Http {
     /// StopIterationAndBuffer, so Envoy keeps the body and forwards it unchanged later.
     fn feed_body(&mut self, paused: bool) -> Action {
         let chunk = if self.body_buffered > self.body_fed {
-            self.get_http_request_body(self.body_fed, self.body_buffered - self.body_fed)
+            // Never more than the check can use: one byte past the limit already fails it.
+            let want =
+                (self.body_buffered - self.body_fed).min(pipeline::body_read_limit(&self.ex));
+            self.get_http_request_body(self.body_fed, want)
                 .unwrap_or_default()
         } else {
             Vec::new()
@@ -425,13 +419,12 @@ impl Context for Http {
             self.quota_done(num_headers, body_size);
             return;
         }
-        let ok = self
-            .get_http_call_response_header_bytes(":status")
-            .is_some_and(|s| s == b"200");
-        let body = if ok {
-            self.get_http_call_response_body(0, body_size)
-        } else {
-            None
+        let body = match host::callout_body(body_size, crate::auth::remote_jwks::MAX_BODY) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                log::warn!("api-guard: JWKS response unusable: {e}");
+                None
+            }
         };
         // The request has been paused since it asked for the fetch.
         self.jwks_done(body, true);

@@ -1,6 +1,6 @@
 //! Root context: owns the validated config (one per worker VM) and creates HTTP contexts.
 
-use super::host::{now_ms, Metrics, ProxyStore};
+use super::host::{self, now_ms, Metrics, ProxyStore};
 use super::http::Http;
 use crate::config::{self, BreakerConfig, Config};
 use crate::quota_client::Breaker;
@@ -36,13 +36,12 @@ impl Context for Root {
         let (Some(provider), Some(cfg)) = (self.jwks_calls.remove(&token_id), &self.config) else {
             return;
         };
-        let ok = self
-            .get_http_call_response_header_bytes(":status")
-            .is_some_and(|s| s == b"200");
-        let body = if ok {
-            self.get_http_call_response_body(0, body_size)
-        } else {
-            None
+        let body = match host::callout_body(body_size, crate::auth::remote_jwks::MAX_BODY) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                log::warn!("api-guard: JWKS response for provider #{provider} unusable: {e}");
+                None
+            }
         };
         match cfg
             .auth

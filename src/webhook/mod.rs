@@ -524,6 +524,15 @@ impl Verifier {
         self.body_len
     }
 
+    /// The most body bytes worth reading for the next [`Verifier::update`]: what is left
+    /// under `max_body_bytes`, plus one so that an oversized body is seen to be one. The
+    /// glue copies no more than this out of Envoy's buffer, whatever the client sent.
+    pub fn read_limit(&self) -> usize {
+        self.max_body_bytes
+            .saturating_sub(self.body_len)
+            .saturating_add(1)
+    }
+
     /// Streams one body chunk. Fails with `PayloadTooLarge` as soon as the total would pass
     /// `max_body_bytes`; the chunk is then not hashed and the glue should reply 413.
     pub fn update(&mut self, chunk: &[u8]) -> Result<(), WebhookError> {

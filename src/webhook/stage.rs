@@ -75,6 +75,15 @@ pub fn waits_for_body(ex: &Exchange) -> bool {
     matches!(ex.webhook, WebhookState::Streaming(_))
 }
 
+/// How many body bytes the glue should read for the next [`on_body`] call (see
+/// [`Verifier::read_limit`]); unbounded when no body check is streaming.
+pub fn body_read_limit(ex: &Exchange) -> usize {
+    match &ex.webhook {
+        WebhookState::Streaming(v) => v.read_limit(),
+        _ => usize::MAX,
+    }
+}
+
 /// Feeds the next body bytes (`chunk` may be empty) and, at the end of the stream, finishes
 /// the verification.
 pub fn on_body(ex: &mut Exchange, chunk: &[u8], end_of_stream: bool, env: &Env) -> BodyStep {
@@ -237,6 +246,38 @@ mod tests {
         assert!(matches!(run.go(&[]), Verdict::Reply(r) if r.code == ErrorCode::PayloadTooLarge));
         let run = Run::new("/other", &[]);
         assert!(matches!(run.go(&[]), Verdict::Forward(_)));
+    }
+
+    #[test]
+    fn the_glue_never_needs_to_read_more_than_one_byte_past_the_limit() {
+        let s = sig(b"hello");
+        let run = Run::new("/hook", &[("x-hub-signature-256", &s)]);
+        let env = Env {
+            now_ms: 1_700_000_000_000,
+            store: &run.store,
+        };
+        let req = Request {
+            method: "POST",
+            path: "/hook",
+            headers: &run.headers,
+            source_address: None,
+            route_name: None,
+        };
+        let mut ex = Exchange::default();
+        assert_eq!(
+            pipeline::body_read_limit(&ex),
+            usize::MAX,
+            "no check streaming"
+        );
+        pipeline::on_request_headers(&run.cfg, &req, &mut ex, &env);
+        assert_eq!(pipeline::body_read_limit(&ex), 11); // max_body_bytes 10, plus one
+        pipeline::on_request_body(&mut ex, b"hell", false, &env);
+        assert_eq!(pipeline::body_read_limit(&ex), 7);
+        // A client sending a megabyte: the glue copies 7 bytes, and that is already a 413.
+        match pipeline::on_request_body(&mut ex, &[b'x'; 7], false, &env) {
+            BodyVerdict::Reply(r) => assert_eq!(r.code, ErrorCode::PayloadTooLarge),
+            v => panic!("{v:?}"),
+        }
     }
 
     #[test]
