@@ -878,12 +878,19 @@ def report(res, path):
              f"~{fr_rate} req/s | CPU µs/req |")
     L.append("|---|---|---|---|---|---|")
 
+    noisy = []
+
     def row(c, bold):
         label = f"**{c['label']}**" if bold else c["label"]
+        # A p99 whose rounds differ more than 5x was set by a stall of another job.
+        mark = ""
+        if c.get("fr_p99_min") and c.get("fr_p99_max", 0) > 5 * c["fr_p99_min"]:
+            mark = " †"
+            noisy.append(c["id"])
         L.append(
             f"| | {label} | {fmt_rps(c['rps'])} ({fmt_rps(c['rps_min'])}–"
             f"{fmt_rps(c['rps_max'])}) | {fmt_us(c['p50_us'])} / {fmt_us(c['p99_us'])} | "
-            f"{fmt_us(c.get('fr_p50_us'))} / {fmt_us(c.get('fr_p99_us'))} | "
+            f"{fmt_us(c.get('fr_p50_us'))} / {fmt_us(c.get('fr_p99_us'))}{mark} | "
             f"{c['cpu_us_per_req']:.1f} |")
 
     ratio_lines = []
@@ -909,6 +916,9 @@ def report(res, path):
         elif ag in by and by[ag].get("skip"):
             L.append(f"| | api-guard: *not measured: {by[ag]['skip']}* | | | | |")
     L.append("")
+    if noisy:
+        L.append("† p99 at the fixed rate varied more than 5× between rounds: a stall of another "
+                 "job on this shared machine, not the filter. Read p50 and CPU for those rows.\n")
     L.append("### Ratios (api-guard ÷ counterpart)\n")
     L.append("| work | counterpart | throughput | p50 / p99 at saturation | p50 / p99 at fixed "
              "rate | CPU per request |")
@@ -1032,7 +1042,14 @@ def main():
                     help="comma-separated case ids")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--out", default=os.path.join(REPO, "docs"))
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite benchmarks.md from the existing benchmarks.json")
     a = ap.parse_args()
+    if a.report_only:
+        with open(os.path.join(a.out, "benchmarks.json")) as f:
+            res = json.load(f)
+        report(res, os.path.join(a.out, "benchmarks.md"))
+        return
 
     for f, what in [(ENVOY, "Envoy (make tools)"), (WASM, "api_guard.wasm (make wasm)"),
                     (NOOP_WASM, "the no-op wasm filter (bench/run.sh builds it)"),
