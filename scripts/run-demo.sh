@@ -45,17 +45,38 @@ cat <<'TXT'
 
 api-guard demo is ready. Try (copy-paste):
 
-  # a public route: proxied, with security headers added
+  # 1. A public route: proxied to the echo upstream, security headers added
   curl -i http://127.0.0.1:8080/healthz
 
-  # an ambiguous path: refused with 400 and a JSON error
+  # 2. An ambiguous path: refused with 400 and a JSON error, never forwarded
   curl -i 'http://127.0.0.1:8080/api/orders%2F..%2Fadmin'
 
-  # identity headers sent by a client are stripped before the upstream sees them
-  curl -s http://127.0.0.1:8080/public/x -H 'x-auth-subject: admin'
+  # 3. No credentials on a protected route: 401 missing_credentials
+  curl -i http://127.0.0.1:8080/api/orders
 
-  # the filter's counters
+  # 4. An API key: the upstream sees the verified identity (x-auth-client: demo-pro)
+  curl -s http://127.0.0.1:8080/api/orders -H 'x-api-key: demo-key-pro'
+
+  # 5. A JWT minted with the demo key (demo only: envoy/demo-jwt-key.json is public)
+  TOKEN=$(target/release/api-guard token --alg ES256 --key envoy/demo-jwt-key.json \
+    --iss https://auth.demo.local --aud https://api.demo.local --scope read:orders \
+    --claim tenant_id=t-42)
+  curl -s http://127.0.0.1:8080/api/orders -H "authorization: Bearer $TOKEN"
+  #    ...the same token may not write: 403 insufficient_scope
+  curl -i -X POST http://127.0.0.1:8080/api/orders -H "authorization: Bearer $TOKEN"
+
+  # 6. Rate limiting: 5 logins per minute per IP, then 429 with retry-after
+  for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{http_code} ' -X POST http://127.0.0.1:8080/auth/login; done; echo
+  curl -si -X POST http://127.0.0.1:8080/auth/login | grep -i -E '^(ratelimit|retry-after)'
+
+  # 7. A signed GitHub webhook (secret: demo-webhook-secret); change the body and it is 401
+  BODY='{"zen":"Keep it logically awesome."}'
+  SIG=$(printf '%s' "$BODY" | openssl dgst -sha256 -hmac demo-webhook-secret | sed 's/^.* //')
+  curl -i http://127.0.0.1:8080/webhooks/github -H "x-hub-signature-256: sha256=$SIG" --data "$BODY"
+
+  # 8. Counters per outcome, and one JSON log line per denial
   curl -s http://127.0.0.1:9901/stats | grep api_guard
+  grep api_guard.deny .run/envoy.log | tail -3
 
 Press Ctrl-C to stop.
 TXT

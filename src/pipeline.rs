@@ -81,6 +81,11 @@ pub enum Wait {
     /// Hold the request and feed its body to [`on_request_body`] as it arrives (webhook
     /// signatures cover the body); forward nothing until that says so.
     Body,
+    /// Fetch the remote JWKS of `jwt_providers[provider]` (index in `cfg.auth.providers`),
+    /// store it with `auth::remote_jwks::store_result`, set `Exchange::jwks_fetched`, re-run.
+    /// `waiter`: the request fetches because no set was loaded yet (counted per worker, see
+    /// `Authenticator::waiter_fetch_done`), not for an unknown `kid`.
+    Jwks { provider: usize, waiter: bool },
 }
 
 /// A successful local answer that is not a denial (the CORS preflight's 204): no body.
@@ -134,6 +139,8 @@ pub struct Exchange {
     pub webhook: WebhookState,
     /// Rate-limit bookkeeping between the two limit stages, and events for stats.
     pub ratelimit: crate::ratelimit::stage::LimitState,
+    /// The request already waited for a JWKS fetch (it waits at most once).
+    pub jwks_fetched: bool,
 }
 
 impl Exchange {
@@ -207,8 +214,8 @@ pub fn run(cfg: &Config, req: &Request, ex: &mut Exchange, env: &Env) -> Verdict
         let step = match ex.stage {
             Stage::Cors => crate::cors::stage(cfg, req, ex),
             Stage::PreAuthLimits => crate::ratelimit::stage::pre_auth(cfg, req, ex, env),
-            Stage::Credentials => Step::Next,
-            Stage::Scopes => Step::Next,
+            Stage::Credentials => crate::auth::stage::credentials(cfg, req, ex, env),
+            Stage::Scopes => crate::auth::stage::scopes(cfg, req, ex, env),
             Stage::ClientLimits => crate::ratelimit::stage::client(cfg, req, ex, env),
             Stage::Quota => Step::Next,
             Stage::Webhook => webhook_stage::run(cfg, req, ex, env),

@@ -302,6 +302,7 @@ fn shipped_envoy_configs_validate_and_match_their_json() {
     let out = cli()
         .arg("check")
         .arg(repo.join("envoy/demo-filter.json"))
+        .env("DEMO_GITHUB_WEBHOOK_SECRET", "demo-webhook-secret")
         .output()
         .unwrap();
     assert!(

@@ -524,7 +524,6 @@ fn sha256_hex(s: &str) -> String {
 }
 
 #[test]
-#[ignore = "needs the auth stage (issue: credentials) merged; un-ignore then"]
 fn a_pre_auth_limit_answers_429_before_any_401() {
     let cfg = format!(
         r#"{{
@@ -564,7 +563,6 @@ fn a_pre_auth_limit_answers_429_before_any_401() {
 }
 
 #[test]
-#[ignore = "needs the auth stage (issue: credentials) merged; un-ignore then"]
 fn tiers_follow_the_api_keys_tier_including_unlimited_and_default() {
     let cfg = format!(
         r#"{{

@@ -95,6 +95,8 @@ pub struct Config {
     pub webhooks: crate::webhook::Webhooks,
     /// Compiled `rate_limits`; its `prepare` must run in `on_configure`.
     pub rate_limiter: crate::ratelimit::RateLimiter,
+    /// Compiled `jwt_providers` and `api_keys` (validated here so bad keys fail the config).
+    pub auth: crate::auth::Authenticator,
     pub raw: RawConfig,
 }
 
@@ -390,6 +392,8 @@ pub fn compile(raw: RawConfig, env: EnvLookup<'_>) -> Result<(Config, Vec<Warnin
 
     let rate_limiter = crate::ratelimit::RateLimiter::compile(&raw, &mut warnings)?;
 
+    let auth = crate::auth::Authenticator::compile(&raw, env)?;
+
     let mut routes_out = Vec::with_capacity(raw.routes.len());
     let mut needs_route_name = false;
     for (i, r) in raw.routes.iter().enumerate() {
@@ -441,7 +445,7 @@ pub fn compile(raw: RawConfig, env: EnvLookup<'_>) -> Result<(Config, Vec<Warnin
         None => {
             warnings.push(Warning {
                 path: "default_route".into(),
-                message: "no default_route: requests matching no route pass with only security headers, CORS and per-IP limits applied".into(),
+                message: "no default_route: requests matching no route pass with only security headers, CORS and path checks (no auth, no rate limit); add a default_route".into(),
             });
             None
         }
@@ -459,6 +463,7 @@ pub fn compile(raw: RawConfig, env: EnvLookup<'_>) -> Result<(Config, Vec<Warnin
             cors,
             webhooks,
             rate_limiter,
+            auth,
             raw,
         },
         warnings,

@@ -8,11 +8,14 @@ use crate::reply::LocalReply;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use std::rc::Rc;
+use std::time::Duration;
 
 pub struct Http {
     config: Rc<Config>,
     metrics: Rc<Metrics>,
     ex: Exchange,
+    /// The JWKS fetch this request waits for: (provider, counted as a waiter fetch).
+    jwks_wait: Option<(usize, bool)>,
     /// Request body bookkeeping while the request is held: bytes Envoy has buffered (the
     /// body callbacks report the running total), bytes already fed to the pipeline, and
     /// whether the stream has ended.
@@ -21,16 +24,108 @@ pub struct Http {
     body_ended: bool,
 }
 
+/// The request as read from the host, owned (rebuilt after a callout).
+struct ReadRequest {
+    headers: Vec<(String, String)>,
+    source: Option<String>,
+    route_name: Option<String>,
+    method: String,
+    path: String,
+}
+
 impl Http {
     pub fn new(config: Rc<Config>, metrics: Rc<Metrics>) -> Self {
         Self {
             config,
             metrics,
             ex: Exchange::default(),
+            jwks_wait: None,
             body_buffered: 0,
             body_fed: 0,
             body_ended: false,
         }
+    }
+
+    /// One host call for the whole map: cheaper than several single-header reads, and the
+    /// only way to see repeated headers. The `_bytes` variant: the String one panics (VM
+    /// abort) on a header value that is not UTF-8.
+    fn read_request(&self) -> ReadRequest {
+        let headers = host::utf8_headers(self.get_http_request_headers_bytes());
+        let source = self.property(&["source", "address"]);
+        let route_name = if self.config.needs_route_name {
+            self.property(&["xds", "route_name"])
+        } else {
+            None
+        };
+        let find = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()
+        };
+        let method = find(":method");
+        let path = find(":path");
+        ReadRequest {
+            headers,
+            source,
+            route_name,
+            method,
+            path,
+        }
+    }
+
+    /// Starts a JWKS fetch for this request; `None` when the host refused to dispatch.
+    fn dispatch_jwks(&mut self, provider: usize) -> Option<u32> {
+        let config = Rc::clone(&self.config);
+        let (cluster, authority, path, timeout_ms) = config.auth.fetch_target(provider)?;
+        self.dispatch_http_call(
+            cluster,
+            vec![
+                (":method", "GET"),
+                (":path", path),
+                (":authority", authority),
+                ("accept", "application/json"),
+            ],
+            None,
+            vec![],
+            Duration::from_millis(timeout_ms),
+        )
+        .ok()
+    }
+
+    /// The JWKS fetch this request waited for is over: record it, then re-run the pipeline.
+    fn jwks_done(&mut self, body: Option<Vec<u8>>, paused: bool) -> Action {
+        let Some((provider, waiter)) = self.jwks_wait.take() else {
+            return Action::Continue;
+        };
+        let config = Rc::clone(&self.config);
+        if waiter {
+            config.auth.waiter_fetch_done();
+        }
+        let now = now_ms();
+        if let Err(e) = config
+            .auth
+            .fetch_finished(provider, &ProxyStore, body.as_deref(), now)
+        {
+            log::warn!("api-guard: JWKS fetch for provider #{provider} failed: {e}");
+        }
+        self.ex.jwks_fetched = true;
+        let r = self.read_request();
+        let req = Request {
+            method: &r.method,
+            path: &r.path,
+            headers: &r.headers,
+            source_address: r.source.as_deref(),
+            route_name: r.route_name.as_deref(),
+        };
+        let store = ProxyStore;
+        let env = Env {
+            now_ms: now,
+            store: &store,
+        };
+        let verdict = pipeline::run(&config, &req, &mut self.ex, &env);
+        self.act(verdict, &r.method, &r.path, paused)
     }
 
     fn property(&self, path: &[&str]) -> Option<String> {
@@ -41,6 +136,7 @@ impl Http {
     /// Carries out a verdict. `paused` says the request is currently paused (after a wait),
     /// so forwarding must resume it instead of returning `Continue`.
     fn act(&mut self, verdict: Verdict, method: &str, path: &str, paused: bool) -> Action {
+        self.rate_limit_events();
         match verdict {
             Verdict::Forward(edits) => {
                 for name in &edits.remove {
@@ -78,6 +174,15 @@ impl Http {
                 Action::Pause
             }
             Verdict::Wait(Wait::Body) => self.feed_body(paused),
+            Verdict::Wait(Wait::Jwks { provider, waiter }) => {
+                self.jwks_wait = Some((provider, waiter));
+                if self.dispatch_jwks(provider).is_some() {
+                    Action::Pause
+                } else {
+                    // Could not even dispatch: go on now, without new keys (it waits once).
+                    self.jwks_done(None, paused)
+                }
+            }
         }
     }
 
@@ -108,30 +213,24 @@ impl Http {
             }
             BodyVerdict::Continue => {
                 // The request headers are still readable while the request is held.
-                let headers = host::utf8_headers(self.get_http_request_headers_bytes());
-                let source = self.property(&["source", "address"]);
-                let route_name = if self.config.needs_route_name {
-                    self.property(&["xds", "route_name"])
-                } else {
-                    None
-                };
-                let (method, path) = pseudo(&headers);
+                let r = self.read_request();
                 let req = Request {
-                    method: &method,
-                    path: &path,
-                    headers: &headers,
-                    source_address: source.as_deref(),
-                    route_name: route_name.as_deref(),
+                    method: &r.method,
+                    path: &r.path,
+                    headers: &r.headers,
+                    source_address: r.source.as_deref(),
+                    route_name: r.route_name.as_deref(),
                 };
                 let config = Rc::clone(&self.config);
                 let verdict = pipeline::run(&config, &req, &mut self.ex, &env);
-                self.act(verdict, &method, &path, paused)
+                self.act(verdict, &r.method, &r.path, paused)
             }
         }
     }
 
     fn method_and_path(&self) -> (String, String) {
-        pseudo(&host::utf8_headers(self.get_http_request_headers_bytes()))
+        let r = self.read_request();
+        (r.method, r.path)
     }
 
     /// A body callback (or trailers, which end the body). While the pipeline waits for the
@@ -208,38 +307,38 @@ impl Http {
     }
 }
 
-impl Context for Http {}
+impl Context for Http {
+    fn on_http_call_response(
+        &mut self,
+        _token_id: u32,
+        _num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        let ok = self
+            .get_http_call_response_header_bytes(":status")
+            .is_some_and(|s| s == b"200");
+        let body = if ok {
+            self.get_http_call_response_body(0, body_size)
+        } else {
+            None
+        };
+        // The request has been paused since it asked for the fetch.
+        self.jwks_done(body, true);
+    }
+}
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         // A request without a body is complete now: a body check finishes immediately.
         self.body_ended = end_of_stream;
-        // One host call for the whole map: cheaper than several single-header reads, and the
-        // only way to see repeated headers. The `_bytes` variant: the String one panics (VM
-        // abort) on a header value that is not UTF-8.
-        let headers = host::utf8_headers(self.get_http_request_headers_bytes());
-        let source = self.property(&["source", "address"]);
-        let route_name = if self.config.needs_route_name {
-            self.property(&["xds", "route_name"])
-        } else {
-            None
-        };
-        let method = headers
-            .iter()
-            .find(|(k, _)| k == ":method")
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default();
-        let path = headers
-            .iter()
-            .find(|(k, _)| k == ":path")
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default();
+        let r = self.read_request();
         let req = Request {
-            method: &method,
-            path: &path,
-            headers: &headers,
-            source_address: source.as_deref(),
-            route_name: route_name.as_deref(),
+            method: &r.method,
+            path: &r.path,
+            headers: &r.headers,
+            source_address: r.source.as_deref(),
+            route_name: r.route_name.as_deref(),
         };
         let store = ProxyStore;
         let env = Env {
@@ -248,8 +347,7 @@ impl HttpContext for Http {
         };
         let config = Rc::clone(&self.config);
         let verdict = pipeline::on_request_headers(&config, &req, &mut self.ex, &env);
-        self.rate_limit_events();
-        self.act(verdict, &method, &path, false)
+        self.act(verdict, &r.method, &r.path, false)
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
@@ -280,16 +378,4 @@ impl HttpContext for Http {
         }
         Action::Continue
     }
-}
-
-/// `:method` and `:path` from a header map.
-fn pseudo(headers: &[(String, String)]) -> (String, String) {
-    let get = |name: &str| {
-        headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default()
-    };
-    (get(":method"), get(":path"))
 }

@@ -2,20 +2,25 @@
 //!
 //! - `api-guard check CONFIG.json` validates a filter config with the filter's own code.
 //! - `api-guard demo-upstream [--listen ADDR]` runs the echo upstream used by `make run`.
+//! - `api-guard token [...]` mints demo JWTs and prints the JWKS that accepts them.
 
 mod check;
+mod token;
 
 use std::process::ExitCode;
 
 const USAGE: &str = "usage:
   api-guard check CONFIG.json            validate a filter config (exit 0 = valid)
-  api-guard demo-upstream [--listen ADDR] echo upstream for the demo (default 127.0.0.1:8081)";
+  api-guard demo-upstream [--listen ADDR] echo upstream for the demo (default 127.0.0.1:8081)
+  api-guard token [--alg ALG] [--key FILE] [--jwks] [--sub S] [--scope S] [--claim K=V] ...
+                                          mint a demo JWT (see `api-guard token --help`)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("check") => check::run(&args[1..]),
         Some("demo-upstream") => demo_upstream(&args[1..]),
+        Some("token") => token::run(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             ExitCode::SUCCESS
