@@ -74,7 +74,14 @@ api-guard demo is ready. Try (copy-paste):
   SIG=$(printf '%s' "$BODY" | openssl dgst -sha256 -hmac demo-webhook-secret | sed 's/^.* //')
   curl -i http://127.0.0.1:8080/webhooks/github -H "x-hub-signature-256: sha256=$SIG" --data "$BODY"
 
-  # 8. Counters per outcome, and one JSON log line per denial
+  # 8. CORS: a preflight from an allowed origin is answered by the filter (204); a look-alike
+  #    origin gets 403 cors_rejected with no access-control-* headers.
+  curl -si -X OPTIONS http://127.0.0.1:8080/api/orders -H 'origin: http://localhost:3000' \
+    -H 'access-control-request-method: GET' -H 'access-control-request-headers: authorization'
+  curl -si -X OPTIONS http://127.0.0.1:8080/api/orders -H 'origin: http://localhost:3000.evil.com' \
+    -H 'access-control-request-method: GET'
+
+  # 9. Counters per outcome, and one JSON log line per denial
   curl -s http://127.0.0.1:9901/stats | grep api_guard
   grep api_guard.deny .run/envoy.log | tail -3
 

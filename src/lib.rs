@@ -10,6 +10,7 @@ pub mod cors;
 pub mod headers;
 pub mod identity;
 pub mod pipeline;
+pub mod quota_client;
 pub mod ratelimit;
 pub mod reply;
 pub mod routes;

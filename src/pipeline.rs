@@ -86,6 +86,8 @@ pub enum Wait {
     /// `waiter`: the request fetches because no set was loaded yet (counted per worker, see
     /// `Authenticator::waiter_fetch_done`), not for an unknown `kid`.
     Jwks { provider: usize, waiter: bool },
+    /// Call the quota service; store the result in `Exchange::quota` and run again.
+    Quota(crate::quota_client::QuotaCall),
 }
 
 /// A successful local answer that is not a denial (the CORS preflight's 204): no body.
@@ -141,6 +143,8 @@ pub struct Exchange {
     pub ratelimit: crate::ratelimit::stage::LimitState,
     /// The request already waited for a JWKS fetch (it waits at most once).
     pub jwks_fetched: bool,
+    /// The quota callout's result, set by the glue before re-running the quota stage.
+    pub quota: Option<crate::quota_client::QuotaOutcome>,
 }
 
 impl Exchange {
@@ -217,7 +221,7 @@ pub fn run(cfg: &Config, req: &Request, ex: &mut Exchange, env: &Env) -> Verdict
             Stage::Credentials => crate::auth::stage::credentials(cfg, req, ex, env),
             Stage::Scopes => crate::auth::stage::scopes(cfg, req, ex, env),
             Stage::ClientLimits => crate::ratelimit::stage::client(cfg, req, ex, env),
-            Stage::Quota => Step::Next,
+            Stage::Quota => crate::quota_client::stage(cfg, req, ex, env),
             Stage::Webhook => webhook_stage::run(cfg, req, ex, env),
             Stage::Forward | Stage::Done => {
                 ex.stage = Stage::Done;

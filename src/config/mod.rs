@@ -385,6 +385,18 @@ pub fn compile(raw: RawConfig, env: EnvLookup<'_>) -> Result<(Config, Vec<Warnin
         if q.timeout_ms == 0 {
             return Err(ConfigError::new("quota.timeout_ms", "must be at least 1"));
         }
+        if q.breaker.failures == 0 {
+            return Err(ConfigError::new(
+                "quota.breaker.failures",
+                "must be at least 1",
+            ));
+        }
+        if q.breaker.open_ms == 0 || q.breaker.open_ms > 3_600_000 {
+            return Err(ConfigError::new(
+                "quota.breaker.open_ms",
+                "must be 1..=3600000",
+            ));
+        }
     }
 
     let (webhooks, webhook_warnings) = crate::webhook::compile(&raw.webhooks, env)?;

@@ -301,6 +301,34 @@ pub struct QuotaConfig {
     pub timeout_ms: u64,
     #[serde(default = "d_failure_mode")]
     pub failure_mode: String,
+    /// Extension: the circuit breaker in front of the callout.
+    #[serde(default)]
+    pub breaker: BreakerConfig,
+}
+
+/// After `failures` consecutive failed callouts (per worker), skip the service for `open_ms`
+/// and apply `failure_mode` at once; then let one probe through.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerConfig {
+    #[serde(default = "d_breaker_failures")]
+    pub failures: u32,
+    #[serde(default = "d_breaker_open_ms")]
+    pub open_ms: u64,
+}
+fn d_breaker_failures() -> u32 {
+    3
+}
+fn d_breaker_open_ms() -> u64 {
+    5000
+}
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            failures: d_breaker_failures(),
+            open_ms: d_breaker_open_ms(),
+        }
+    }
 }
 fn d_quota_timeout() -> u64 {
     100

@@ -58,6 +58,9 @@ pub struct Metrics {
     allowed: Option<u32>,
     /// Requests the filter answered itself without denying them (CORS preflights).
     answered: Option<u32>,
+    /// Quota callouts that failed (timeout, error, unreadable answer) or were skipped by the
+    /// open circuit breaker: `failure_mode` was applied.
+    quota_failed: Option<u32>,
     denied: [Option<u32>; ErrorCode::ALL.len()],
     /// Per rate limit (by index): allowed, denied, shadow_denied, slot_pressure, contention.
     limits: Vec<[Option<u32>; 5]>,
@@ -101,6 +104,7 @@ impl Metrics {
         Self {
             allowed: counter("api_guard.allowed"),
             answered: counter("api_guard.answered"),
+            quota_failed: counter("api_guard.quota.unavailable"),
             denied,
             limits,
         }
@@ -121,6 +125,12 @@ impl Metrics {
 
     pub fn answered(&self) {
         if let Some(id) = self.answered {
+            let _ = hostcalls::increment_metric(id, 1);
+        }
+    }
+
+    pub fn quota_failed(&self) {
+        if let Some(id) = self.quota_failed {
             let _ = hostcalls::increment_metric(id, 1);
         }
     }

@@ -4,15 +4,22 @@ use super::host::{self, now_ms, Metrics, ProxyStore};
 use crate::config::Config;
 use crate::headers::{self, DenyLog, HeaderOp};
 use crate::pipeline::{self, BodyVerdict, Env, Exchange, Request, Verdict, Wait};
+use crate::quota_client::{self, Breaker, Permit, QuotaCall, QuotaOutcome};
 use crate::reply::LocalReply;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
 
 pub struct Http {
     config: Rc<Config>,
     metrics: Rc<Metrics>,
+    /// The quota callout's circuit breaker, shared by the VM's requests.
+    breaker: Rc<RefCell<Breaker>>,
+    /// The token of the quota callout in flight (a request makes at most one at a time; any
+    /// other callout answer is the JWKS fetch).
+    quota_token: Option<u32>,
     ex: Exchange,
     /// The JWKS fetch this request waits for: (provider, counted as a waiter fetch).
     jwks_wait: Option<(usize, bool)>,
@@ -34,10 +41,12 @@ struct ReadRequest {
 }
 
 impl Http {
-    pub fn new(config: Rc<Config>, metrics: Rc<Metrics>) -> Self {
+    pub fn new(config: Rc<Config>, metrics: Rc<Metrics>, breaker: Rc<RefCell<Breaker>>) -> Self {
         Self {
             config,
             metrics,
+            breaker,
+            quota_token: None,
             ex: Exchange::default(),
             jwks_wait: None,
             body_buffered: 0,
@@ -73,6 +82,101 @@ impl Http {
             method,
             path,
         }
+    }
+
+    /// Runs the pipeline again from the current stage (after a wait) and acts on it. The
+    /// request headers are still readable while the request is held.
+    /// `paused`: whether the request is already held (a callback returned `Pause`).
+    fn rerun(&mut self, paused: bool) -> Action {
+        let r = self.read_request();
+        let req = Request {
+            method: &r.method,
+            path: &r.path,
+            headers: &r.headers,
+            source_address: r.source.as_deref(),
+            route_name: r.route_name.as_deref(),
+        };
+        let store = ProxyStore;
+        let env = Env {
+            now_ms: now_ms(),
+            store: &store,
+        };
+        let config = Rc::clone(&self.config);
+        let verdict = pipeline::run(&config, &req, &mut self.ex, &env);
+        self.act(verdict, &r.method, &r.path, paused)
+    }
+
+    /// Starts the quota callout, or fails at once when the breaker is open or the callout
+    /// cannot be dispatched (so the request never hangs on a dead service).
+    fn call_quota(&mut self, call: QuotaCall, paused: bool) -> Action {
+        let now = now_ms();
+        // Bind the permit first: a RefCell guard in the match scrutinee would live through
+        // the arms, and `record` below borrows again (a double borrow aborts the VM).
+        let permit = self.breaker.borrow_mut().permit(now);
+        let failed = match permit {
+            Permit::Skip => Some("circuit breaker open".to_string()),
+            Permit::Call => match self.dispatch_http_call(
+                &call.cluster,
+                call.headers().to_vec(),
+                Some(&call.body),
+                vec![],
+                Duration::from_millis(call.timeout_ms),
+            ) {
+                Ok(token) => {
+                    self.quota_token = Some(token);
+                    None
+                }
+                Err(e) => {
+                    self.breaker.borrow_mut().record(false, now);
+                    Some(format!(
+                        "callout to cluster '{}' failed: {e:?}",
+                        call.cluster
+                    ))
+                }
+            },
+        };
+        match failed {
+            None => Action::Pause,
+            Some(why) => {
+                self.metrics.quota_failed();
+                self.ex.quota = Some(QuotaOutcome::Failed(why));
+                self.rerun(paused)
+            }
+        }
+    }
+
+    /// The quota callout's answer: record it in the breaker, store it, run on.
+    fn quota_done(&mut self, num_headers: usize, body_size: usize) {
+        let now = now_ms();
+        // No headers: Envoy's way of reporting a timeout or a reset.
+        let outcome = if num_headers == 0 {
+            Err("no answer within timeout_ms (or connection reset)".to_string())
+        } else if body_size > quota_client::MAX_ANSWER_BYTES {
+            Err("answer too large".to_string())
+        } else {
+            let status = self
+                .get_http_call_response_header_bytes(":status")
+                .and_then(|v| {
+                    std::str::from_utf8(&v)
+                        .ok()
+                        .and_then(|s| s.parse::<u32>().ok())
+                })
+                .unwrap_or(0);
+            let body = self
+                .get_http_call_response_body(0, body_size)
+                .unwrap_or_default();
+            quota_client::parse_answer(status, &body)
+        };
+        self.breaker.borrow_mut().record(outcome.is_ok(), now);
+        self.ex.quota = Some(match outcome {
+            Ok(a) => QuotaOutcome::Answered(a),
+            Err(why) => {
+                self.metrics.quota_failed();
+                QuotaOutcome::Failed(why)
+            }
+        });
+        // The request has been paused since it asked.
+        let _ = self.rerun(true);
     }
 
     /// Starts a JWKS fetch for this request; `None` when the host refused to dispatch.
@@ -174,6 +278,7 @@ impl Http {
                 Action::Pause
             }
             Verdict::Wait(Wait::Body) => self.feed_body(paused),
+            Verdict::Wait(Wait::Quota(call)) => self.call_quota(call, paused),
             Verdict::Wait(Wait::Jwks { provider, waiter }) => {
                 self.jwks_wait = Some((provider, waiter));
                 if self.dispatch_jwks(provider).is_some() {
@@ -310,11 +415,16 @@ impl Http {
 impl Context for Http {
     fn on_http_call_response(
         &mut self,
-        _token_id: u32,
-        _num_headers: usize,
+        token_id: u32,
+        num_headers: usize,
         body_size: usize,
         _num_trailers: usize,
     ) {
+        if self.quota_token == Some(token_id) {
+            self.quota_token = None;
+            self.quota_done(num_headers, body_size);
+            return;
+        }
         let ok = self
             .get_http_call_response_header_bytes(":status")
             .is_some_and(|s| s == b"200");

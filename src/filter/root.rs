@@ -2,9 +2,11 @@
 
 use super::host::{now_ms, Metrics, ProxyStore};
 use super::http::Http;
-use crate::config::{self, Config};
+use crate::config::{self, BreakerConfig, Config};
+use crate::quota_client::Breaker;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
@@ -19,6 +21,8 @@ pub struct Root {
     metrics: Option<Rc<Metrics>>,
     /// In-flight JWKS refreshes: callout token -> provider index.
     jwks_calls: HashMap<u32, usize>,
+    /// The quota callout's circuit breaker (per worker VM).
+    breaker: Option<Rc<RefCell<Breaker>>>,
 }
 
 impl Context for Root {
@@ -71,6 +75,13 @@ impl RootContext for Root {
                     Err(e) => log::warn!("api-guard: preparing rate-limit tables: {e}"),
                 }
                 self.metrics = Some(Rc::new(Metrics::define(&cfg)));
+                let breaker = cfg
+                    .raw
+                    .quota
+                    .as_ref()
+                    .map(|q| q.breaker.clone())
+                    .unwrap_or_else(BreakerConfig::default);
+                self.breaker = Some(Rc::new(RefCell::new(Breaker::new(&breaker))));
                 crate::auth::remote_jwks::prepare(&cfg.auth, &ProxyStore);
                 if cfg.auth.has_remote_jwks() {
                     self.set_tick_period(JWKS_TICK);
@@ -90,6 +101,7 @@ impl RootContext for Root {
         Some(Box::new(Http::new(
             self.config.clone()?,
             self.metrics.clone()?,
+            self.breaker.clone()?,
         )))
     }
 

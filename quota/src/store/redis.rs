@@ -1,0 +1,434 @@
+//! The Redis store: standalone (`redis://`, `rediss://`) or Cluster (`redis+cluster://h1:p1,h2:p2`).
+//! Every decision is one `EVALSHA` of [`scripts::CHECK`]; nothing is read-modify-written from
+//! the service. Connections reconnect by themselves (redis-rs `ConnectionManager` /
+//! `ClusterConnection`), so a Redis restart costs the failed calls, not the process.
+
+use super::{
+    admin_keys, scripts, CheckArgs, ClientKeys, ClientRecord, Store, StoreError, StoreFuture,
+    UsageSnapshot, Webhook, USAGE_GRACE_MS,
+};
+use crate::decision::{
+    BucketReport, Decision, FiredAlert, Outcome, QuotaReport, UsageState, Which,
+};
+use crate::periods::Periods;
+use crate::policy::{OveragePolicy, Override};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::{Script, Value};
+use std::time::Duration;
+
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+pub struct RedisStore {
+    conn: Conn,
+    check: Script,
+    usage: Script,
+    put_client: Script,
+    get_client: Script,
+    timeout: Duration,
+}
+
+/// How to reach Redis, parsed from `--redis`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    Single(String),
+    /// Seed nodes as `redis://` URLs.
+    Cluster(Vec<String>),
+}
+
+impl RedisTarget {
+    /// `redis://` / `rediss://` / `unix://` for one server; `redis+cluster://[user:pass@]h1:p1,h2:p2`
+    /// (or `rediss+cluster://`) for Cluster seed nodes.
+    pub fn parse(url: &str) -> Result<Self, StoreError> {
+        for (scheme, inner) in [
+            ("redis+cluster://", "redis://"),
+            ("rediss+cluster://", "rediss://"),
+        ] {
+            if let Some(rest) = url.strip_prefix(scheme) {
+                let (auth, hosts) = match rest.rsplit_once('@') {
+                    Some((a, h)) => (format!("{a}@"), h),
+                    None => (String::new(), rest),
+                };
+                let (hosts, path) = match hosts.split_once('/') {
+                    Some((h, p)) => (h, format!("/{p}")),
+                    None => (hosts, String::new()),
+                };
+                let nodes: Vec<String> = hosts
+                    .split(',')
+                    .filter(|h| !h.is_empty())
+                    .map(|h| format!("{inner}{auth}{h}{path}"))
+                    .collect();
+                if nodes.is_empty() {
+                    return Err(StoreError::Unavailable(format!(
+                        "no cluster nodes in {scheme}..."
+                    )));
+                }
+                return Ok(RedisTarget::Cluster(nodes));
+            }
+        }
+        if url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://")
+        {
+            Ok(RedisTarget::Single(url.to_string()))
+        } else {
+            Err(StoreError::Unavailable(
+                "--redis must start with redis://, rediss://, unix:// or redis+cluster://".into(),
+            ))
+        }
+    }
+}
+
+fn unavailable(e: redis::RedisError) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl RedisStore {
+    /// Connects (standalone connections are made lazily and retried, so the service can start
+    /// before Redis; `/readyz` reports when it is reachable) and loads the scripts.
+    pub async fn connect(url: &str, timeout: Duration) -> Result<Self, StoreError> {
+        let conn = match RedisTarget::parse(url)? {
+            RedisTarget::Single(u) => {
+                let client = redis::Client::open(u.as_str()).map_err(unavailable)?;
+                let cfg = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(timeout))
+                    .set_response_timeout(Some(timeout))
+                    .set_number_of_retries(2)
+                    .set_max_delay(Duration::from_millis(500));
+                Conn::Single(
+                    ConnectionManager::new_lazy_with_config(client, cfg).map_err(unavailable)?,
+                )
+            }
+            RedisTarget::Cluster(nodes) => {
+                let client = ClusterClientBuilder::new(nodes)
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    .build()
+                    .map_err(unavailable)?;
+                Conn::Cluster(client.get_async_connection().await.map_err(unavailable)?)
+            }
+        };
+        let store = Self {
+            conn,
+            check: Script::new(scripts::CHECK),
+            usage: Script::new(scripts::USAGE),
+            put_client: Script::new(scripts::PUT_CLIENT),
+            get_client: Script::new(scripts::GET_CLIENT),
+            timeout,
+        };
+        // Best effort: a Redis that is down now gets the scripts on first use (NOSCRIPT path).
+        let _ = store.load_scripts().await;
+        Ok(store)
+    }
+
+    async fn load_scripts(&self) -> Result<(), StoreError> {
+        for s in [&self.check, &self.usage, &self.put_client, &self.get_client] {
+            match self.conn.clone() {
+                Conn::Single(mut c) => s.load_async(&mut c).await.map_err(unavailable)?,
+                Conn::Cluster(mut c) => s.load_async(&mut c).await.map_err(unavailable)?,
+            };
+        }
+        Ok(())
+    }
+
+    async fn run(
+        &self,
+        script: &Script,
+        keys: &[&str],
+        args: &[&str],
+    ) -> Result<Value, StoreError> {
+        let mut inv = script.prepare_invoke();
+        for k in keys {
+            inv.key(*k);
+        }
+        for a in args {
+            inv.arg(*a);
+        }
+        let fut = async {
+            match self.conn.clone() {
+                Conn::Single(mut c) => inv.invoke_async::<Value>(&mut c).await,
+                Conn::Cluster(mut c) => inv.invoke_async::<Value>(&mut c).await,
+            }
+        };
+        let ms = u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX);
+        match tokio::time::timeout(self.timeout, fut).await {
+            Err(_) => Err(StoreError::Timeout(ms)),
+            Ok(r) => r.map_err(unavailable),
+        }
+    }
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Corrupt(what.to_string())
+}
+
+fn as_i64(v: &Value) -> Result<i64, StoreError> {
+    match v {
+        Value::Int(i) => Ok(*i),
+        Value::BulkString(b) => std::str::from_utf8(b)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| corrupt("expected an integer")),
+        _ => Err(corrupt("expected an integer")),
+    }
+}
+
+fn as_u64(v: &Value) -> Result<u64, StoreError> {
+    Ok(u64::try_from(as_i64(v)?.max(0)).unwrap_or(0))
+}
+
+fn as_string(v: &Value) -> Result<String, StoreError> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).map_err(|_| corrupt("expected UTF-8")),
+        Value::SimpleString(s) => Ok(s.clone()),
+        Value::Okay => Ok("OK".into()),
+        Value::Int(i) => Ok(i.to_string()),
+        _ => Err(corrupt("expected a string")),
+    }
+}
+
+fn as_array(v: &Value) -> Result<&[Value], StoreError> {
+    match v {
+        Value::Array(a) => Ok(a),
+        _ => Err(corrupt("expected an array")),
+    }
+}
+
+fn quota_report(used: &Value, limit: &Value, policy: &Value) -> Result<QuotaReport, StoreError> {
+    let limit = as_i64(limit)?;
+    Ok(QuotaReport {
+        used: as_u64(used)?,
+        limit: u64::try_from(limit).ok(),
+        policy: OveragePolicy::from_code(as_i64(policy)?),
+    })
+}
+
+/// Reads `CHECK`'s reply into the same [`Decision`] the memory store builds.
+fn parse_decision(v: &Value) -> Result<Decision, StoreError> {
+    let a = as_array(v)?;
+    if a.len() != 16 {
+        return Err(corrupt("check script reply has the wrong length"));
+    }
+    let cap = as_u64(&a[2])?;
+    let bucket = (cap > 0)
+        .then(|| -> Result<BucketReport, StoreError> {
+            Ok(BucketReport {
+                capacity: cap,
+                refill_period_s: as_u64(&a[3])?,
+                remaining: as_u64(&a[4])?,
+                full_in_ms: as_u64(&a[5])?,
+            })
+        })
+        .transpose()?;
+    let alerts_csv = as_string(&a[14])?;
+    let mut alerts = Vec::new();
+    for item in alerts_csv.split(',').filter(|s| !s.is_empty()) {
+        let (which, th) = match item.split_at_checked(1) {
+            Some(("d", th)) => (Which::Daily, th),
+            Some(("m", th)) => (Which::Monthly, th),
+            _ => return Err(corrupt("bad alert marker")),
+        };
+        let threshold = th.parse().map_err(|_| corrupt("bad alert threshold"))?;
+        alerts.push(FiredAlert { which, threshold });
+    }
+    Ok(Decision {
+        outcome: Outcome::from_code(as_i64(&a[0])?).ok_or_else(|| corrupt("bad outcome"))?,
+        tier: as_string(&a[1])?,
+        bucket,
+        throttled: as_i64(&a[6])? == 1,
+        retry_after_ms: as_u64(&a[7])?,
+        daily: quota_report(&a[8], &a[9], &a[10])?,
+        monthly: quota_report(&a[11], &a[12], &a[13])?,
+        alerts,
+        exceeded: match as_i64(&a[15])? {
+            1 => Some(Which::Daily),
+            2 => Some(Which::Monthly),
+            _ => None,
+        },
+    })
+}
+
+fn parse_usage_hash(v: &Value) -> Result<UsageState, StoreError> {
+    let a = as_array(v)?;
+    let mut u = UsageState::default();
+    for pair in a.chunks(2) {
+        let [k, val] = pair else {
+            return Err(corrupt("odd HGETALL reply"));
+        };
+        let k = as_string(k)?;
+        match k.as_str() {
+            "u" => u.used = as_u64(val)?,
+            "tier" => u.tier = Some(as_string(val)?),
+            _ => {
+                if let Some(th) = k.strip_prefix('a').and_then(|t| t.parse().ok()) {
+                    u.alerted.push(th);
+                }
+            }
+        }
+    }
+    u.alerted.sort_unstable();
+    Ok(u)
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(s: &str) -> Result<Option<T>, StoreError> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    serde_json::from_str(s)
+        .map(Some)
+        .map_err(|e| StoreError::Corrupt(format!("stored client record: {e}")))
+}
+
+impl Store for RedisStore {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    fn check<'a>(&'a self, a: CheckArgs<'a>) -> StoreFuture<'a, Decision> {
+        Box::pin(async move {
+            let keys = ClientKeys::new(a.client, a.periods);
+            let policy = serde_json::to_string(a.tier_policy)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let thresholds = a
+                .thresholds
+                .iter()
+                .map(|t| t.to_string())
+                .collect::<Vec<_>>()
+                .join(",");
+            let (now, cost) = (a.now_ms.to_string(), a.cost.to_string());
+            let (day_end, month_end) = (
+                a.periods.day.end_ms.to_string(),
+                a.periods.month.end_ms.to_string(),
+            );
+            let grace = USAGE_GRACE_MS.to_string();
+            let v = self
+                .run(
+                    &self.check,
+                    &[
+                        &keys.overrides,
+                        &keys.bucket,
+                        &keys.throttle,
+                        &keys.day,
+                        &keys.month,
+                    ],
+                    &[
+                        &now,
+                        &cost,
+                        a.tier,
+                        &policy,
+                        &day_end,
+                        &month_end,
+                        &thresholds,
+                        &grace,
+                    ],
+                )
+                .await?;
+            parse_decision(&v)
+        })
+    }
+
+    fn usage<'a>(
+        &'a self,
+        client: &'a str,
+        periods: &'a Periods,
+        _now_ms: u64,
+    ) -> StoreFuture<'a, UsageSnapshot> {
+        Box::pin(async move {
+            let keys = ClientKeys::new(client, periods);
+            let v = self
+                .run(&self.usage, &[&keys.overrides, &keys.day, &keys.month], &[])
+                .await?;
+            let a = as_array(&v)?;
+            let [o, d, m] = a else {
+                return Err(corrupt("usage script reply has the wrong length"));
+            };
+            Ok(UsageSnapshot {
+                overrides: parse_json::<Override>(&as_string(o)?)?,
+                daily: parse_usage_hash(d)?,
+                monthly: parse_usage_hash(m)?,
+            })
+        })
+    }
+
+    fn put_client<'a>(&'a self, client: &'a str, rec: &'a ClientRecord) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let (ko, kw) = admin_keys(client);
+            let enc = |r: Result<String, serde_json::Error>| {
+                r.map_err(|e| StoreError::Corrupt(e.to_string()))
+            };
+            let o = match &rec.overrides {
+                Some(o) => enc(serde_json::to_string(o))?,
+                None => String::new(),
+            };
+            let w = match &rec.webhook {
+                Some(w) => enc(serde_json::to_string(w))?,
+                None => String::new(),
+            };
+            self.run(&self.put_client, &[&ko, &kw], &[&o, &w]).await?;
+            Ok(())
+        })
+    }
+
+    fn get_client<'a>(&'a self, client: &'a str) -> StoreFuture<'a, ClientRecord> {
+        Box::pin(async move {
+            let (ko, kw) = admin_keys(client);
+            let v = self.run(&self.get_client, &[&ko, &kw], &[]).await?;
+            let [o, w] = as_array(&v)? else {
+                return Err(corrupt("client script reply has the wrong length"));
+            };
+            Ok(ClientRecord {
+                overrides: parse_json::<Override>(&as_string(o)?)?,
+                webhook: parse_json::<Webhook>(&as_string(w)?)?,
+            })
+        })
+    }
+
+    fn ping(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let fut = async {
+                let cmd = redis::cmd("PING");
+                match self.conn.clone() {
+                    Conn::Single(mut c) => cmd.query_async::<String>(&mut c).await,
+                    Conn::Cluster(mut c) => cmd.query_async::<String>(&mut c).await,
+                }
+            };
+            let ms = u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX);
+            match tokio::time::timeout(self.timeout, fut).await {
+                Err(_) => Err(StoreError::Timeout(ms)),
+                Ok(r) => r.map(|_| ()).map_err(unavailable),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_urls_expand_to_seed_nodes() {
+        assert_eq!(
+            RedisTarget::parse("redis+cluster://:pw@a:7000,b:7001").unwrap(),
+            RedisTarget::Cluster(vec![
+                "redis://:pw@a:7000".into(),
+                "redis://:pw@b:7001".into()
+            ])
+        );
+        assert_eq!(
+            RedisTarget::parse("redis://127.0.0.1:6379/0").unwrap(),
+            RedisTarget::Single("redis://127.0.0.1:6379/0".into())
+        );
+        assert!(RedisTarget::parse("http://x").is_err());
+        assert!(RedisTarget::parse("redis+cluster://").is_err());
+    }
+
+    #[test]
+    fn malformed_script_replies_are_errors_not_panics() {
+        assert!(parse_decision(&Value::Nil).is_err());
+        assert!(parse_decision(&Value::Array(vec![Value::Int(0)])).is_err());
+        assert!(parse_usage_hash(&Value::Array(vec![Value::Int(0)])).is_err());
+    }
+}

@@ -1,0 +1,167 @@
+//! Every Lua script the Redis store runs. Each is sent once (`SCRIPT LOAD`) and then called
+//! by SHA (`EVALSHA`); redis-rs reloads it when a server answers `NOSCRIPT` (after a restart
+//! or failover). All KEYS of a script share the client's `{hash tag}`, so they work on Redis
+//! Cluster.
+//!
+//! Why scripts and not MULTI/EXEC: a decision reads state, decides, then writes only when
+//! allowed. MULTI cannot branch on what it reads, and WATCH-based optimistic locking would
+//! retry under contention (N replicas hammering one client) and cost several round trips. A
+//! script is one round trip and runs atomically, so N concurrent checks never admit more than
+//! the limit.
+//!
+//! Why `now` is an argument and not Redis `TIME`: the in-memory store must do the same math
+//! (`crate::decision`, of which `CHECK` is a port) and tests must be able to set the clock.
+//! Replicas' clocks differ by at most NTP skew; a bucket never refills backwards (a `now`
+//! older than the stored time adds nothing).
+
+/// One quota decision (port of `crate::decision::decide`).
+///
+/// KEYS: 1 client override (string, JSON `Override`), 2 tier bucket (hash l,t,p),
+///       3 throttle bucket (hash l,t,p), 4 day usage (hash u,tier,a<N>), 5 month usage.
+/// ARGV: 1 now (Unix ms), 2 cost, 3 request tier, 4 tier policy (JSON `Policy`),
+///       5 day end (Unix ms), 6 month end (Unix ms), 7 alert thresholds ("80,90,100"),
+///       8 usage grace (ms kept after the period ends).
+/// Returns: {outcome 0 allowed|1 rate limited|2 quota exceeded, tier, bucket capacity (0 = no
+///       bucket), bucket period s, bucket remaining, ms until full, throttled 0|1, retry after
+///       ms, day used, day limit (-1 none), day policy (-1 none), month used, month limit,
+///       month policy, fired alerts ("d80,m90"), exceeded quota (0 none|1 day|2 month)}.
+pub const CHECK: &str = r#"
+local now = tonumber(ARGV[1])
+local cost = tonumber(ARGV[2])
+local tier = ARGV[3]
+local policy = cjson.decode(ARGV[4])
+local ov = redis.call('GET', KEYS[1])
+if ov then
+  local o = cjson.decode(ov)
+  if type(o.tier) == 'string' then tier = o.tier end
+  if o.limit ~= nil then policy.limit = o.limit end
+  if o.daily ~= nil then policy.daily = o.daily end
+  if o.monthly ~= nil then policy.monthly = o.monthly end
+end
+local POLICY_CODE = {hard_stop = 0, throttle = 1, overage = 2}
+local grace = tonumber(ARGV[8])
+local thresholds = {}
+for th in string.gmatch(ARGV[7], '%d+') do thresholds[#thresholds + 1] = tonumber(th) end
+
+-- Level is tokens x period_ms so refills stay integers. A bucket stored under another period
+-- (the limit changed) starts full.
+local function load_bucket(key, b)
+  local pms = b.refill_period_s * 1000
+  local cap = b.capacity * pms
+  local level, t = cap, now
+  local h = redis.call('HMGET', key, 'l', 't', 'p')
+  if h[1] and tonumber(h[3]) == pms then
+    level = tonumber(h[1])
+    t = tonumber(h[2])
+    if now > t then
+      level = level + (now - t) * b.refill_tokens
+      t = now
+    end
+    if level > cap then level = cap end
+  end
+  return level, t, cap, pms
+end
+
+-- A rate below the current choice's, compared without division.
+local function slower(a, than)
+  return a.refill_tokens * than.refill_period_s < than.refill_tokens * a.refill_period_s
+end
+
+local quotas = {
+  {KEYS[4], policy.daily, tonumber(ARGV[5])},
+  {KEYS[5], policy.monthly, tonumber(ARGV[6])},
+}
+local used = {0, 0}
+local exceeded, reset_at = 0, 0
+local throttle = nil
+for i, q in ipairs(quotas) do
+  used[i] = tonumber(redis.call('HGET', q[1], 'u')) or 0
+  local s = q[2]
+  if type(s) == 'table' and used[i] + cost > s.limit then
+    if s.policy == 'hard_stop' then
+      if q[3] >= reset_at then exceeded = i; reset_at = q[3] end
+    elseif s.policy == 'throttle' and type(s.throttle) == 'table' then
+      if throttle == nil or slower(s.throttle, throttle) then throttle = s.throttle end
+    end
+  end
+end
+
+local b, bkey, throttled = policy.limit, KEYS[2], 0
+if throttle ~= nil then b, bkey, throttled = throttle, KEYS[3], 1 end
+local outcome, retry = 0, 0
+if exceeded > 0 then outcome = 2; retry = reset_at - now end
+if retry < 0 then retry = 0 end
+local cap_tokens, period_s, remaining, full_in = 0, 0, -1, 0
+if type(b) == 'table' then
+  local level, t, cap, pms = load_bucket(bkey, b)
+  local need = cost * pms
+  if outcome == 0 then
+    if need > level then
+      outcome = 1
+      if need > cap then retry = pms else retry = math.ceil((need - level) / b.refill_tokens) end
+    else
+      level = level - need
+      full_in = math.ceil((cap - level) / b.refill_tokens)
+      redis.call('HSET', bkey, 'l', level, 't', t, 'p', pms)
+      redis.call('PEXPIRE', bkey, full_in + 1000)
+    end
+  end
+  cap_tokens, period_s = b.capacity, b.refill_period_s
+  remaining = math.floor(level / pms)
+  full_in = math.ceil((cap - level) / b.refill_tokens)
+end
+
+local fired = {}
+if outcome == 0 then
+  local tag = {'d', 'm'}
+  for i, q in ipairs(quotas) do
+    used[i] = redis.call('HINCRBY', q[1], 'u', ARGV[2])
+    redis.call('HSET', q[1], 'tier', tier)
+    -- Relative to the service's clock, not Redis's: the period is the service's idea.
+    redis.call('PEXPIRE', q[1], q[3] - now + grace)
+    local s = q[2]
+    if type(s) == 'table' and s.limit > 0 then
+      for _, th in ipairs(thresholds) do
+        -- The marker is set here, in the same atomic step as the count: exactly one request
+        -- per period crosses each threshold, whatever the number of replicas.
+        if used[i] * 100 >= th * s.limit and redis.call('HSETNX', q[1], 'a' .. th, 1) == 1 then
+          fired[#fired + 1] = tag[i] .. th
+        end
+      end
+    end
+  end
+end
+
+local function lim(s) if type(s) == 'table' then return s.limit end return -1 end
+local function pol(s) if type(s) == 'table' then return POLICY_CODE[s.policy] or -1 end return -1 end
+return {outcome, tier, cap_tokens, period_s, remaining, full_in, throttled, retry,
+        used[1], lim(policy.daily), pol(policy.daily),
+        used[2], lim(policy.monthly), pol(policy.monthly),
+        table.concat(fired, ','), exceeded}
+"#;
+
+/// A consistent read of one client's usage (script for one round trip and one snapshot).
+///
+/// KEYS: 1 client override, 2 day usage, 3 month usage.
+/// Returns: {override JSON or "", day hash as [field, value, ...], month hash}.
+pub const USAGE: &str = r#"
+return {redis.call('GET', KEYS[1]) or '', redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3])}
+"#;
+
+/// Replaces a client's admin record atomically: both keys or neither, so a check never sees
+/// a half-applied update. (A script rather than MULTI because redis-rs cannot run MULTI on a
+/// Cluster connection; both keys share a slot, so a script can.)
+///
+/// KEYS: 1 override, 2 webhook. ARGV: 1 override JSON, 2 webhook JSON ("" deletes the key).
+pub const PUT_CLIENT: &str = r#"
+for i = 1, 2 do
+  if ARGV[i] == '' then redis.call('DEL', KEYS[i]) else redis.call('SET', KEYS[i], ARGV[i]) end
+end
+return 1
+"#;
+
+/// Reads a client's admin record. KEYS: 1 override, 2 webhook. Returns {override, webhook}
+/// with "" for a missing key (a script so the two reads are one slot-local round trip).
+pub const GET_CLIENT: &str = r#"
+return {redis.call('GET', KEYS[1]) or '', redis.call('GET', KEYS[2]) or ''}
+"#;
