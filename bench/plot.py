@@ -44,8 +44,8 @@ def main(src, dst):
     ax.set_yticks(y)
     ax.set_yticklabels(labels, fontsize=8)
     ax.set_xlabel("thousand requests/s at saturation (median, min–max)")
-    for yi, v in zip(y, rps):
-        ax.text(v, yi, f" {v:.1f}k", va="center", fontsize=7)
+    for yi, v, c in zip(y, rps, rows):
+        ax.text(c["rps_max"] / 1000, yi, f" {v:.1f}k", va="center", fontsize=7)
 
     ax = axes[1]
     cpu = [c["cpu_us_per_req"] for c in rows]
@@ -53,8 +53,8 @@ def main(src, dst):
             [c["cpu_max"] - c["cpu_us_per_req"] for c in rows]]
     ax.barh(y, cpu, color=colors, xerr=cerr, capsize=2, error_kw={"elinewidth": 0.8})
     ax.set_xlabel("proxy CPU µs per request (lower is better)")
-    for yi, v in zip(y, cpu):
-        ax.text(v, yi, f" {v:.0f}", va="center", fontsize=7)
+    for yi, v, c in zip(y, cpu, rows):
+        ax.text(c["cpu_max"], yi, f" {v:.0f}", va="center", fontsize=7)
 
     ax = axes[2]
     p50 = [c.get("fr_p50_us") or 0 for c in rows]
