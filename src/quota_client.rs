@@ -141,9 +141,9 @@ pub fn parse_answer(status: u32, body: &[u8]) -> Result<Answer, String> {
     if status == 429 && retry_after_s.is_none() {
         return Err("quota 429 denial without retry_after_s".into());
     }
-    let reset_at = raw.reset_at.filter(|r| {
-        !r.is_empty() && r.len() <= 64 && r.bytes().all(|b| (0x21..0x7f).contains(&b))
-    });
+    let reset_at = raw
+        .reset_at
+        .filter(|r| !r.is_empty() && r.len() <= 64 && r.bytes().all(|b| (0x21..0x7f).contains(&b)));
     if status == 402 && reset_at.is_none() {
         return Err("quota 402 denial without a valid reset_at".into());
     }
@@ -515,9 +515,12 @@ x: y"}"#
             ("x-ratelimit-remaining".into(), "0".into()),
         ];
         ex.quota = Some(QuotaOutcome::Answered(
-            parse_answer(200, br#"{"allowed":false,"status":429,"retry_after_s":3,"headers":{
+            parse_answer(
+                200,
+                br#"{"allowed":false,"status":429,"retry_after_s":3,"headers":{
                 "ratelimit":"\"quota-global\";r=0;t=3","x-ratelimit-remaining":"0",
-                "retry-after":"999","x-frame-options":"ALLOWALL"}}"#)
+                "retry-after":"999","x-frame-options":"ALLOWALL"}}"#,
+            )
             .unwrap(),
         ));
         let Verdict::Reply(r) = run_once(&c, "/api", &mut ex) else {
