@@ -1868,7 +1868,7 @@ impl QuotaSim {
         }
     }
     fn model_calls(&self, now: u64) -> bool {
-        !self.open_until.is_some_and(|u| now < u)
+        self.open_until.is_none_or(|u| now >= u)
     }
     fn model_record(&mut self, ok: bool, now: u64) {
         if ok {
@@ -2282,6 +2282,8 @@ fn values<'a>(h: &'a [(String, String)], name: &str) -> Vec<&'a str> {
         .collect()
 }
 
+type Headers = Vec<(String, String)>;
+
 const ACAO: &str = "access-control-allow-origin";
 const ACAC: &str = "access-control-allow-credentials";
 const ACEH: &str = "access-control-expose-headers";
@@ -2289,11 +2291,7 @@ const ACEH: &str = "access-control-expose-headers";
 /// The response the client gets, as the glue builds it: a local reply's or answer's header
 /// list, or for a forwarded request a hostile upstream response with the filter's ops applied
 /// (as Envoy applies them). Returns (client response headers, upstream headers).
-fn response_of(
-    cfg: &Config,
-    run: &Run,
-    t: &mut Tape,
-) -> Result<(Vec<(String, String)>, Vec<(String, String)>), TestCaseError> {
+fn response_of(cfg: &Config, run: &Run, t: &mut Tape) -> Result<(Headers, Headers), TestCaseError> {
     let ex = &run.ex;
     Ok(match &run.outcome {
         Outcome::Reply(rep) => (
