@@ -5,12 +5,14 @@
 # (a no-op wasm filter, a JWT minting tool) into target/bench.
 # Arguments go to bench/bench.py (e.g. --only plain,ag-cors,native-cors --seconds 2);
 # BENCH_SECONDS, BENCH_ROUNDS, BENCH_FR_ROUNDS, BENCH_RATE, BENCH_ONLY, BENCH_NICE too.
+# Then bench/quota.sh (the quota service's /v1/check against memory and Redis; BENCH_SECS
+# seconds per run, BENCH_QUOTA=0 skips it), whose figures join the report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
-scripts/tools.sh wasm envoy wrk
+scripts/tools.sh wasm envoy wrk redis
 command -v openssl >/dev/null || { echo "openssl is needed (apt-get install openssl)" >&2; exit 1; }
 
 PY="$PWD/.tools/py"
@@ -29,10 +31,24 @@ CARGO_TARGET_DIR="$PWD/target/bench" cargo build --quiet --release \
   --manifest-path bench/noop-filter/Cargo.toml --target wasm32-wasip1
 CARGO_TARGET_DIR="$PWD/target/bench" cargo build --quiet --release \
   --manifest-path bench/tokens/Cargo.toml
+if [ "${BENCH_QUOTA:-1}" != 0 ]; then
+  say "building the quota service and its load generator"
+  cargo build --quiet --release --workspace --bins
+  cargo build --quiet --release -p api-guard-quota --example check_load
+fi
 
 say "running the benchmark"
 # BENCH_NICE=-10 (as root) keeps other jobs on a shared machine from preempting the runs.
 nice -n "${BENCH_NICE:-0}" python3 bench/bench.py "$@"
+if [ "${BENCH_QUOTA:-1}" != 0 ]; then
+  say "running the quota service bench (bench/quota.sh)"
+  mkdir -p target/bench
+  nice -n "${BENCH_NICE:-0}" bench/quota.sh --json target/bench/quota.json
+  # --out follows bench.py's own (docs/ unless given).
+  out=docs; prev=""
+  for arg in "$@"; do [ "$prev" = --out ] && out="$arg"; prev="$arg"; done
+  python3 bench/bench.py --out "$out" --add-quota target/bench/quota.json
+fi
 say "drawing docs/benchmarks.png"
 PYTHONPATH="$PY" python3 bench/plot.py docs/benchmarks.json docs/benchmarks.png
 say "done: docs/benchmarks.md, docs/benchmarks.png"

@@ -75,16 +75,22 @@ struct RawAnswer {
     headers: serde_json::Map<String, serde_json::Value>,
 }
 
+/// Whether a header named in an answer may reach the client's response: only what the
+/// service documents (quota/README.md), the service bucket's rate-limit headers and its own
+/// `x-quota-*` ones. Everything else is dropped, so a misbehaving or compromised service
+/// cannot weaken the response: no security headers (`strict-transport-security`,
+/// `x-frame-options`, ...), no `access-control-*` (that would widen the CORS policy), no
+/// `vary`, cookies, caching, framing or identity headers. `retry-after` is set by the filter
+/// itself from `retry_after_s`, so it always agrees with the body.
 fn header_name_ok(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        // Never let a peer set framing, routing or cookie headers on the client's response.
-        && !matches!(
-            s,
-            "content-length" | "transfer-encoding" | "connection" | "set-cookie" | "content-type"
-        )
+    RATELIMIT_HEADERS.contains(&s)
+        || s.strip_prefix("x-quota-").is_some_and(|rest| {
+            !rest.is_empty()
+                && rest.len() <= 48
+                && rest
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        })
 }
 
 fn header_value_ok(s: &str) -> bool {
@@ -102,14 +108,17 @@ pub fn parse_answer(status: u32, body: &[u8]) -> Result<Answer, String> {
     }
     let raw: RawAnswer =
         serde_json::from_slice(body).map_err(|e| format!("unreadable quota answer: {e}"))?;
-    let mut headers = Vec::new();
-    for (k, v) in raw.headers.iter().take(MAX_ANSWER_HEADERS) {
-        if let Some(v) = v.as_str() {
-            if header_name_ok(k) && header_value_ok(v) {
-                headers.push((k.clone(), v.to_string()));
-            }
-        }
-    }
+    // Filter, then cap: names the filter drops do not crowd out the ones it keeps (the map
+    // itself is bounded by MAX_ANSWER_BYTES).
+    let headers: Vec<(String, String)> = raw
+        .headers
+        .iter()
+        .filter_map(|(k, v)| {
+            let v = v.as_str()?;
+            (header_name_ok(k) && header_value_ok(v)).then(|| (k.clone(), v.to_string()))
+        })
+        .take(MAX_ANSWER_HEADERS)
+        .collect();
     if raw.allowed {
         return Ok(Answer::Allow {
             remaining: raw.remaining,
@@ -125,16 +134,29 @@ pub fn parse_answer(status: u32, body: &[u8]) -> Result<Answer, String> {
             ))
         }
     };
+    // What the SPEC's reply must carry: a 429 says when to retry (`retry_after`, at least
+    // 1 s, as the service itself rounds), a 402 when the quota resets (`reset_at`). A denial
+    // without it is a broken answer, handled like any other (`failure_mode`).
+    let retry_after_s = raw.retry_after_s.map(|s| s.max(1));
+    if status == 429 && retry_after_s.is_none() {
+        return Err("quota 429 denial without retry_after_s".into());
+    }
+    let reset_at = raw
+        .reset_at
+        .filter(|r| !r.is_empty() && r.len() <= 64 && r.bytes().all(|b| (0x21..0x7f).contains(&b)));
+    if status == 402 && reset_at.is_none() {
+        return Err("quota 402 denial without a valid reset_at".into());
+    }
     let message = raw
         .message
-        .filter(|m| m.len() <= 512)
+        .filter(|m| !m.trim().is_empty() && m.len() <= 512)
         .unwrap_or_else(|| code.as_str().replace('_', " "));
     Ok(Answer::Deny {
         status,
         code,
         message,
-        retry_after_s: raw.retry_after_s,
-        reset_at: raw.reset_at.filter(|r| r.len() <= 64),
+        retry_after_s,
+        reset_at,
         headers,
     })
 }
@@ -185,15 +207,20 @@ pub fn stage(cfg: &Config, _req: &Request, ex: &mut Exchange, _env: &Env) -> Ste
             reset_at,
             headers,
         })) => {
+            // The service's rate-limit headers replace the local limit's set only when its
+            // bucket is the tighter one, as on an allowed request: a reply never mixes two
+            // limits' headers.
+            merge_headers(&mut ex.response_headers, headers);
             let mut r = LocalReply::new(code, message).with_policy("quota");
             r.status = status;
             if let Some(s) = retry_after_s {
-                r = r.with_field("retry_after", s);
+                r = r
+                    .with_field("retry_after", s)
+                    .with_header("retry-after", s.to_string());
             }
             if let Some(at) = reset_at {
                 r = r.with_field("reset_at", at);
             }
-            r.headers = headers;
             Step::Reply(r)
         }
         Some(QuotaOutcome::Failed(why)) => {
@@ -420,6 +447,92 @@ mod tests {
         assert!(parse_answer(200, b"not json").is_err());
         assert!(parse_answer(200, br#"{"allowed":false,"status":500}"#).is_err());
         assert!(parse_answer(200, &vec![b' '; MAX_ANSWER_BYTES + 1]).is_err());
+    }
+
+    #[test]
+    fn only_rate_limit_and_quota_headers_are_copied_from_an_answer() {
+        let body = br#"{"allowed":true,"headers":{
+            "x-quota-remaining":"4","x-quota-overage":"2","ratelimit":"\"q\";r=1;t=1",
+            "x-ratelimit-remaining":"1","retry-after":"9",
+            "access-control-allow-origin":"*","access-control-allow-credentials":"true",
+            "strict-transport-security":"max-age=0","x-frame-options":"ALLOWALL",
+            "content-security-policy":"default-src *","vary":"x","cache-control":"public",
+            "x-auth-subject":"admin","location":"https://evil.example","x-quota-":"1",
+            "x-quota-A":"1","www-authenticate":"Basic"}}"#;
+        let Answer::Allow { headers, .. } = parse_answer(200, body).unwrap() else {
+            panic!("an allow")
+        };
+        let mut names: Vec<&str> = headers.iter().map(|(k, _)| k.as_str()).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "ratelimit",
+                "x-quota-overage",
+                "x-quota-remaining",
+                "x-ratelimit-remaining"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_denial_must_say_when_to_come_back() {
+        // A 429 needs retry_after_s, a 402 a reset_at: without them the answer is broken.
+        assert!(parse_answer(200, br#"{"allowed":false,"status":429}"#).is_err());
+        assert!(parse_answer(200, br#"{"allowed":false,"status":402,"retry_after_s":5}"#).is_err());
+        assert!(parse_answer(
+            200,
+            br#"{"allowed":false,"status":402,"reset_at":"2024-03-01T00:00:00Z
+x: y"}"#
+        )
+        .is_err());
+        match parse_answer(
+            200,
+            br#"{"allowed":false,"status":429,"retry_after_s":0,"message":" "}"#,
+        )
+        .unwrap()
+        {
+            Answer::Deny {
+                retry_after_s,
+                message,
+                ..
+            } => {
+                assert_eq!(retry_after_s, Some(1), "rounded up to a whole second");
+                assert_eq!(message, "rate limit exceeded");
+            }
+            a => panic!("{a:?}"),
+        }
+    }
+
+    #[test]
+    fn a_denial_keeps_the_local_limit_headers_unless_the_service_is_tighter() {
+        let c = cfg("allow");
+        let mut ex = Exchange::default();
+        let _ = run_once(&c, "/api", &mut ex);
+        ex.response_headers = vec![
+            ("ratelimit-policy".into(), "\"local\";q=10;w=60".into()),
+            ("ratelimit".into(), "\"local\";r=0;t=60".into()),
+            ("x-ratelimit-remaining".into(), "0".into()),
+        ];
+        ex.quota = Some(QuotaOutcome::Answered(
+            parse_answer(
+                200,
+                br#"{"allowed":false,"status":429,"retry_after_s":3,"headers":{
+                "ratelimit":"\"quota-global\";r=0;t=3","x-ratelimit-remaining":"0",
+                "retry-after":"999","x-frame-options":"ALLOWALL"}}"#,
+            )
+            .unwrap(),
+        ));
+        let Verdict::Reply(r) = run_once(&c, "/api", &mut ex) else {
+            panic!("a 429")
+        };
+        let h = crate::headers::local_reply_headers(&c, &r, &ex.response_headers, &ex.vary);
+        let get = |n: &str| h.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
+        assert_eq!(get("ratelimit"), Some("\"local\";r=0;t=60"), "no mixed set");
+        assert_eq!(get("retry-after"), Some("3"), "agrees with the body");
+        assert_eq!(get("x-frame-options"), Some("DENY"));
+        let body: serde_json::Value = serde_json::from_slice(&r.body()).unwrap();
+        assert_eq!(body["retry_after"], 3);
     }
 
     #[test]

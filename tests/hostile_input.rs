@@ -21,6 +21,7 @@ use api_guard::config::{self, Config, ConfigError};
 use api_guard::headers::{self, DenyLog};
 use api_guard::identity::{AuthMethod, Identity};
 use api_guard::pipeline::{self, BodyVerdict, Env, Exchange, Matched, Request, Verdict, Wait};
+use api_guard::quota_client::{parse_answer, Answer as QuotaAnswer, Breaker, Permit, QuotaOutcome};
 use api_guard::reply::{ErrorCode, LocalReply};
 use api_guard::store::MemoryStore;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -37,7 +38,7 @@ use std::time::Instant;
 
 /// Fixed seed: the same cases on every run and every machine.
 const SEED: [u8; 32] = *b"api-guard hostile input, seed 1.";
-const REQUEST_CASES: u32 = 600;
+const REQUEST_CASES: u32 = 900;
 const CONFIG_CASES: u32 = 500;
 
 const T0_MS: u64 = 1_700_000_000_000;
@@ -149,6 +150,81 @@ struct World {
     cfg: Config,
     es: SigningKey,
     ed: ed25519_compact::KeyPair,
+    flavor: Flavor,
+}
+
+/// The worlds the requests run in: the base config, and the same with a `cors` section and
+/// the quota callout on some routes (two ways: credentials + exact origins + `failure_mode`
+/// deny; any origin without credentials + `failure_mode` allow).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Flavor {
+    Plain,
+    CorsCreds,
+    CorsAny,
+}
+
+const FLAVORS: [Flavor; 3] = [Flavor::Plain, Flavor::CorsCreds, Flavor::CorsAny];
+/// Routes that ask the quota service in the CORS flavors (and `default_route`).
+const QUOTA_ROUTES: [&str; 4] = ["public", "orders-read", "orders-write", "open"];
+const CREDS_EXPOSE: &str = "ratelimit, ratelimit-policy, retry-after, x-request-id";
+
+/// What the CORS section of a flavor allows: (methods, headers, credentials, expose value).
+fn cors_rules(
+    f: Flavor,
+) -> Option<(
+    &'static [&'static str],
+    &'static [&'static str],
+    bool,
+    &'static str,
+)> {
+    match f {
+        Flavor::Plain => None,
+        Flavor::CorsCreds => Some((
+            &["GET", "POST", "PUT", "DELETE"],
+            &["authorization", "content-type", "x-api-key"],
+            true,
+            CREDS_EXPOSE,
+        )),
+        // The defaults: GET, HEAD, POST; nothing exposed.
+        Flavor::CorsAny => Some((&["GET", "HEAD", "POST"], &["content-type"], false, "")),
+    }
+}
+
+fn add_flavor(doc: &mut Value, flavor: Flavor) {
+    let (cors, quota) = match flavor {
+        Flavor::Plain => return,
+        Flavor::CorsCreds => (
+            json!({
+                "allow_origins": ["https://app.example.com", "http://localhost:3000",
+                                  "http://[::1]:8080"],
+                "allow_origin_patterns": ["https://*.example.com"],
+                "allow_methods": ["GET", "POST", "PUT", "DELETE"],
+                "allow_headers": ["authorization", "content-type", "x-api-key"],
+                "expose_headers": ["ratelimit", "ratelimit-policy", "retry-after", "x-request-id"],
+                "allow_credentials": true, "max_age_s": 86400
+            }),
+            json!({"cluster": "quota", "authority": "quota.internal", "timeout_ms": 100,
+                   "failure_mode": "deny", "breaker": {"failures": 2, "open_ms": 5000}}),
+        ),
+        Flavor::CorsAny => (
+            json!({"allow_origins": ["*"], "allow_headers": ["content-type"]}),
+            json!({"cluster": "quota", "timeout_ms": 50, "failure_mode": "allow",
+                   "breaker": {"failures": 3, "open_ms": 2000}}),
+        ),
+    };
+    doc["cors"] = cors;
+    doc["quota"] = quota;
+    if let Some(routes) = doc["routes"].as_array_mut() {
+        for r in routes {
+            if r["name"]
+                .as_str()
+                .is_some_and(|n| QUOTA_ROUTES.contains(&n))
+            {
+                r["quota"] = true.into();
+            }
+        }
+    }
+    doc["default_route"]["quota"] = true.into();
 }
 
 fn world_doc(es: &SigningKey, ed: &ed25519_compact::KeyPair) -> Value {
@@ -251,7 +327,7 @@ fn world_doc(es: &SigningKey, ed: &ed25519_compact::KeyPair) -> Value {
     })
 }
 
-fn world() -> World {
+fn world(flavor: Flavor) -> World {
     // A fixed P-256 key (Wycheproof's JWS test key), so every run sees the same config.
     let es = SigningKey::from_private_jwk(&json!({
         "kty": "EC", "crv": "P-256", "alg": "ES256", "kid": "es-main",
@@ -261,11 +337,18 @@ fn world() -> World {
     }))
     .expect("ES256 key");
     let ed = ed25519_compact::KeyPair::from_seed(ed25519_compact::Seed::new([9; 32]));
-    let doc = world_doc(&es, &ed);
+    let mut doc = world_doc(&es, &ed);
+    add_flavor(&mut doc, flavor);
     let bytes = serde_json::to_vec(&doc).expect("serializable");
     let (cfg, _warnings) =
         config::parse(&bytes, &|_| None).unwrap_or_else(|e| panic!("the test config: {e}"));
-    World { doc, cfg, es, ed }
+    World {
+        doc,
+        cfg,
+        es,
+        ed,
+        flavor,
+    }
 }
 
 fn fresh_store(cfg: &Config) -> MemoryStore {
@@ -712,8 +795,10 @@ fn token(t: &mut Tape, w: &World, path: &str, now_s: u64, signed: &mut Signed) -
     let mut tok = format!("{signing_input}.{sig}");
     let mut valid = valid && tok.split('.').count() == 3;
     if t.chance(10) {
-        valid = false;
-        tok = match t.below(8) {
+        let m = t.below(8);
+        // A leading space is the same token once `Bearer` and its spaces are read.
+        valid &= m == 6;
+        tok = match m {
             0 => format!("{tok}."),
             1 => signing_input.clone(),
             2 => format!("{tok}.extra"),
@@ -727,7 +812,7 @@ fn token(t: &mut Tape, w: &World, path: &str, now_s: u64, signed: &mut Signed) -
     if valid {
         let claims = serde_json::from_slice::<Value>(&pb).ok();
         signed.tokens.insert(
-            tok.clone(),
+            tok.trim_start_matches(' ').to_string(),
             TokenFacts {
                 provider,
                 header_ok,
@@ -988,12 +1073,15 @@ struct Req {
 fn request(t: &mut Tape, w: &World, now_ms: u64, signed: &mut Signed) -> Req {
     let now_s = now_ms / 1000;
     let path = path(t);
-    let method = method(t, &path);
+    let mut method = method(t, &path);
+    let mut cors = Vec::new();
+    cors_headers(t, &mut method, &mut cors);
     let mut headers: Vec<(String, String)> = vec![
         (":method".into(), method.clone()),
         (":path".into(), path.clone()),
         (":authority".into(), "api.example.com".into()),
     ];
+    headers.extend(cors);
     let mut body = Vec::new();
     let hook = [
         "/webhooks/github",
@@ -1126,12 +1214,685 @@ fn request(t: &mut Tape, w: &World, now_ms: u64, signed: &mut Signed) -> Req {
 }
 
 // ---------------------------------------------------------------------------------------
+// CORS: origins with known verdicts, preflight headers.
+
+/// (origin, allowed by the `CorsCreds` policy, allowed by the `CorsAny` policy). Looked up
+/// ASCII-case-insensitively (scheme and host compare so); a value not listed has no known
+/// verdict and is held only to the shape rules.
+const ORIGINS: &[(&str, bool, bool)] = &[
+    ("https://app.example.com", true, true),
+    ("https://app.example.com:443", true, true),
+    ("http://localhost:3000", true, true),
+    ("http://[::1]:8080", true, true),
+    ("http://[0:0:0:0:0:0:0:1]:8080", true, true),
+    ("https://shop.example.com", true, true),
+    ("https://xn--pp-8cd.example.com", true, true),
+    ("https://shop.example.com:443", true, true),
+    // Well-formed, but not in the credentialed list.
+    ("http://localhost", false, true),
+    ("http://localhost:3001", false, true),
+    ("https://localhost:3000", false, true),
+    ("https://a.b.example.com", false, true),
+    ("https://example.com", false, true),
+    ("https://evilexample.com", false, true),
+    ("https://app.example.com.evil.com", false, true),
+    ("https://app.example.co", false, true),
+    ("http://app.example.com", false, true),
+    ("http://shop.example.com", false, true),
+    ("https://app.example.com:8443", false, true),
+    ("https://shop.example.com:444", false, true),
+    ("wss://app.example.com", false, true),
+    ("https://[::1]", false, true),
+    ("https://1.2.3.4", false, true),
+    ("https://example.org", false, true),
+    ("https://x.y.z.example.com", false, true),
+    // Not origins at all.
+    ("null", false, false),
+    ("", false, false),
+    ("*", false, false),
+    ("https://*.example.com", false, false),
+    ("https://app.example.com/", false, false),
+    ("https://app.example.com.", false, false),
+    ("https://app.example.com/path", false, false),
+    ("https://app.example.com?x", false, false),
+    ("https://app.example.com#x", false, false),
+    ("https://user@app.example.com", false, false),
+    ("https://app.example.com@evil.com", false, false),
+    ("https://app.example.com:", false, false),
+    ("https://app.example.com:0443", false, false),
+    ("https://app.example.com:65536", false, false),
+    ("https://app.example.com:443/", false, false),
+    (" https://app.example.com", false, false),
+    ("https://app.example.com ", false, false),
+    ("https://app.example.com, https://evil.com", false, false),
+    ("https://app.example.com https://evil.com", false, false),
+    ("app.example.com", false, false),
+    ("//app.example.com", false, false),
+    ("https:/app.example.com", false, false),
+    ("https://\u{430}pp.example.com", false, false),
+    ("https://app.example.com\u{0}", false, false),
+    ("https://app.example.com\r\nx-evil: 1", false, false),
+    ("https://app..example.com", false, false),
+    ("https://.example.com", false, false),
+    ("file://", false, false),
+    ("https://", false, false),
+    ("https://[::1", false, false),
+    ("http://[::1]8080", false, false),
+];
+
+fn origin_verdict(flavor: Flavor, origin: &str) -> Option<bool> {
+    let (_, creds, any) = ORIGINS
+        .iter()
+        .find(|(o, _, _)| o.eq_ignore_ascii_case(origin))?;
+    match flavor {
+        Flavor::Plain => Some(false),
+        Flavor::CorsCreds => Some(*creds),
+        Flavor::CorsAny => Some(*any),
+    }
+}
+
+/// What any allowed origin must look like, whatever it is: `scheme://host[:port]`, ASCII,
+/// nothing after the host and port.
+fn origin_shaped(o: &str) -> bool {
+    let Some((scheme, rest)) = o.split_once("://") else {
+        return false;
+    };
+    !o.eq_ignore_ascii_case("null")
+        && o.bytes().all(|b| b.is_ascii_graphic())
+        && !scheme.is_empty()
+        && !rest.is_empty()
+        && !rest.ends_with('.')
+        && !rest.contains(['/', '?', '#', '@', ',', '*', '\\'])
+}
+
+fn origin_value(t: &mut Tape) -> String {
+    match t.below(10) {
+        // Mostly the allowed ones (the first eight), for preflights to pass, and the
+        // well-formed look-alikes after them.
+        0..=2 => ORIGINS[t.below(8)].0.to_string(),
+        3 | 4 => ORIGINS[8 + t.below(17)].0.to_string(),
+        5 => t.pick(ORIGINS).0.to_string(),
+        // Case changes keep the verdict.
+        6 => t
+            .pick(ORIGINS)
+            .0
+            .chars()
+            .map(|c| {
+                if t.chance(50) {
+                    c.to_ascii_uppercase()
+                } else {
+                    c
+                }
+            })
+            .collect(),
+        7 => format!(
+            "{}{}",
+            t.pick(ORIGINS).0,
+            t.pick(&[
+                "/",
+                ".",
+                ":",
+                ":443",
+                ":80",
+                "%2e",
+                "@evil.com",
+                "\t",
+                ",null",
+                "\u{0}",
+                "é"
+            ])
+        ),
+        8 => format!(
+            "{}://{}{}",
+            t.pick(&["https", "http", "HTTPS", "ftp", "", "h ttps"]),
+            t.pick(&[
+                "a.",
+                "xn--p1ai.",
+                "a-b.",
+                "a_b.",
+                "-.",
+                "",
+                "a.b.",
+                "*.",
+                "A.",
+                "é."
+            ]),
+            t.pick(&[
+                "example.com",
+                "example.com:443",
+                "example.com:99999",
+                "[::1]",
+                "localhost:3000"
+            ])
+        ),
+        _ => weird_string(t),
+    }
+}
+
+const REQUEST_METHODS: &[&str] = &[
+    "GET",
+    "POST",
+    "PUT",
+    "DELETE",
+    "HEAD",
+    "PATCH",
+    "get",
+    " PUT",
+    "PUT\t",
+    "",
+    "GET, POST",
+    "*",
+    "CONNECT",
+];
+
+const REQUEST_HEADER_ITEMS: &[&str] = &[
+    "authorization",
+    "content-type",
+    "x-api-key",
+    "Content-Type",
+    "X-API-Key",
+    "x-custom",
+    "cookie",
+    "",
+    " ",
+    "content-type\tx",
+    "*",
+    "content-type;x",
+];
+
+fn request_headers_value(t: &mut Tape) -> String {
+    let n = t.below(5);
+    let sep = *t.pick(&[",", ", ", " ,\t", ",,"]);
+    (0..n)
+        .map(|_| {
+            if t.chance(10) {
+                weird_string(t)
+            } else if t.chance(50) {
+                t.pick(&["content-type", "Content-Type"]).to_string()
+            } else {
+                t.pick(REQUEST_HEADER_ITEMS).to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(sep)
+}
+
+/// Adds `origin` and, for a preflight, `access-control-request-*` headers; may turn the
+/// request into an `OPTIONS`.
+fn cors_headers(t: &mut Tape, method: &mut String, headers: &mut Vec<(String, String)>) {
+    if !t.chance(50) {
+        return;
+    }
+    headers.push(("origin".into(), origin_value(t)));
+    if t.chance(6) {
+        headers.push(("origin".into(), origin_value(t)));
+    }
+    if !t.chance(50) {
+        return;
+    }
+    *method = t
+        .pick(&[
+            "OPTIONS", "OPTIONS", "OPTIONS", "OPTIONS", "options", "OPTIONS ",
+        ])
+        .to_string();
+    if !t.chance(6) {
+        let m = if t.chance(8) {
+            weird_string(t)
+        } else if t.chance(50) {
+            t.pick(&["GET", "POST", "PUT"]).to_string()
+        } else {
+            t.pick(REQUEST_METHODS).to_string()
+        };
+        headers.push(("access-control-request-method".into(), m));
+        if t.chance(5) {
+            headers.push((
+                "access-control-request-method".into(),
+                t.pick(REQUEST_METHODS).to_string(),
+            ));
+        }
+    }
+    if t.chance(60) {
+        headers.push((
+            "access-control-request-headers".into(),
+            request_headers_value(t),
+        ));
+        if t.chance(12) {
+            headers.push((
+                "access-control-request-headers".into(),
+                request_headers_value(t),
+            ));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Quota: the service's answers, faked as the test fakes JWKS fetches.
+
+/// What the filter must make of an answer, by the documented rules (quota/README.md,
+/// docs/CONFIG.md), stated independently of `quota_client`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum QuotaExpect {
+    Allow,
+    Deny {
+        status: u32,
+        retry_after: Option<u64>,
+        reset_at: Option<String>,
+    },
+    /// Timeout, bad status, unreadable or malformed answer, open breaker: `failure_mode`.
+    Fail,
+}
+
+/// One faked callout.
+struct FakeAnswer {
+    /// `None`: no answer within the timeout.
+    status: Option<u32>,
+    body: Vec<u8>,
+    expect: QuotaExpect,
+    /// The answer's headers that may reach the client (documented names, printable values).
+    copied: Vec<(String, String)>,
+    /// How many headers the answer named.
+    named: usize,
+}
+
+/// What the faked answer was and what should come of it, for the oracles.
+#[derive(Clone, Debug)]
+struct QuotaRecord {
+    expect: QuotaExpect,
+    skipped: bool,
+    copied: Vec<(String, String)>,
+}
+
+const ANSWER_HEADER_NAMES: &[&str] = &[
+    "x-quota-limit",
+    "x-quota-remaining",
+    "x-quota-reset",
+    "x-quota-overage",
+    "ratelimit",
+    "ratelimit-policy",
+    "x-ratelimit-limit",
+    "x-ratelimit-remaining",
+    "x-ratelimit-reset",
+    "retry-after",
+    "access-control-allow-origin",
+    "access-control-allow-credentials",
+    "access-control-expose-headers",
+    "strict-transport-security",
+    "x-frame-options",
+    "x-content-type-options",
+    "content-security-policy",
+    "referrer-policy",
+    "permissions-policy",
+    "vary",
+    "set-cookie",
+    "cache-control",
+    "content-type",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "location",
+    "www-authenticate",
+    "x-auth-subject",
+    "x-auth-client",
+    "x-request-id",
+    ":status",
+    "X-Quota-Remaining",
+    "x-quota-",
+    "x quota",
+    "x-quota-\r\nx-evil",
+    "",
+    "x-quota-\u{e9}",
+];
+
+/// The headers an answer may put on the client's response (quota/README.md): the bucket's
+/// rate-limit set and `x-quota-*`.
+fn answer_header_allowed(name: &str) -> bool {
+    matches!(
+        name,
+        "ratelimit"
+            | "ratelimit-policy"
+            | "x-ratelimit-limit"
+            | "x-ratelimit-remaining"
+            | "x-ratelimit-reset"
+    ) || name.strip_prefix("x-quota-").is_some_and(|r| {
+        !r.is_empty()
+            && r.len() <= 48
+            && r.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    })
+}
+
+fn answer_header_value(t: &mut Tape) -> Value {
+    match t.below(10) {
+        0..=3 => json!((t.next() % 100_000).to_string()),
+        4 => json!("\"quota-global\";r=1;t=1"),
+        5 => json!(weird_string(t)),
+        6 => json!("*"),
+        7 => json!(5),
+        8 => t
+            .pick(&[Value::Null, json!({"a": 1}), json!(["x"])])
+            .clone(),
+        _ => json!("max-age=0"),
+    }
+}
+
+/// The `headers` object of an answer, and the pairs from it that may be copied.
+fn answer_headers(t: &mut Tape) -> (Map<String, Value>, Vec<(String, String)>) {
+    let mut m = Map::new();
+    let n = if t.chance(10) { 40 } else { t.below(6) };
+    for _ in 0..n {
+        let name = if t.chance(5) {
+            weird_string(t)
+        } else {
+            t.pick(ANSWER_HEADER_NAMES).to_string()
+        };
+        let v = answer_header_value(t);
+        m.entry(name).or_insert(v);
+    }
+    let copied = m
+        .iter()
+        .filter_map(|(k, v)| {
+            let v = v.as_str()?;
+            (answer_header_allowed(k)
+                && v.len() <= 512
+                && v.bytes().all(|b| (0x20..0x7f).contains(&b)))
+            .then(|| (k.clone(), v.to_string()))
+        })
+        .collect();
+    (m, copied)
+}
+
+fn quota_answer(t: &mut Tape) -> FakeAnswer {
+    let mut status = Some(200);
+    let mut broken = false;
+    if t.chance(10) {
+        status = *t.pick(&[
+            None,
+            Some(500),
+            Some(503),
+            Some(0),
+            Some(204),
+            Some(302),
+            Some(429),
+            Some(402),
+            Some(404),
+        ]);
+        broken = true;
+    }
+    let (headers, copied) = answer_headers(t);
+    let named = headers.len();
+    let mut obj = Map::new();
+    let mut expect;
+    let mut raw: Option<Vec<u8>> = None;
+    match t.below(10) {
+        0..=3 | 9 => {
+            obj.insert("allowed".into(), true.into());
+            match t.below(8) {
+                0..=3 => {
+                    obj.insert("remaining".into(), json!(t.pick(&[0u64, 41, u64::MAX])));
+                }
+                4 => {
+                    obj.insert("remaining".into(), Value::Null);
+                }
+                5 => {
+                    obj.insert(
+                        "remaining".into(),
+                        t.pick(&[json!(-1), json!("5"), json!(1.5), json!(1e300)])
+                            .clone(),
+                    );
+                    broken = true;
+                }
+                _ => {}
+            }
+            expect = QuotaExpect::Allow;
+        }
+        4..=7 => {
+            obj.insert("allowed".into(), false.into());
+            let st = match t.below(8) {
+                0..=2 => Some(429),
+                3..=5 => Some(402),
+                6 => {
+                    obj.insert(
+                        "status".into(),
+                        t.pick(&[
+                            json!(403),
+                            json!(500),
+                            json!(0),
+                            json!(200),
+                            json!(4294967296u64),
+                        ])
+                        .clone(),
+                    );
+                    broken = true;
+                    None
+                }
+                _ => {
+                    if t.chance(50) {
+                        obj.insert(
+                            "status".into(),
+                            t.pick(&[json!("429"), Value::Null, json!(429.5)]).clone(),
+                        );
+                    }
+                    broken = true;
+                    None
+                }
+            };
+            if let Some(st) = st {
+                obj.insert("status".into(), st.into());
+            }
+            match t.below(6) {
+                0..=3 => {
+                    obj.insert(
+                        "error".into(),
+                        json!(t.pick(&["quota_exceeded", "rate_limit_exceeded", "other"])),
+                    );
+                }
+                4 => {
+                    obj.insert("error".into(), json!(5));
+                    broken = true;
+                }
+                _ => {}
+            }
+            match t.below(7) {
+                0..=2 => {
+                    obj.insert("message".into(), json!("daily quota of 5 used up"));
+                }
+                3 => {
+                    obj.insert("message".into(), json!(t.pick(&["", " ", "\u{0}\r\n"])));
+                }
+                4 => {
+                    obj.insert("message".into(), json!("m".repeat(600)));
+                }
+                5 => {
+                    obj.insert("message".into(), json!(["m"]));
+                    broken = true;
+                }
+                _ => {}
+            }
+            let retry = match t.below(7) {
+                0..=3 => {
+                    let r = *t.pick(&[0u64, 1, 5, 60, 86_400, u64::MAX]);
+                    obj.insert("retry_after_s".into(), r.into());
+                    Some(r)
+                }
+                4 => {
+                    obj.insert(
+                        "retry_after_s".into(),
+                        t.pick(&[json!(-1), json!("5"), json!(1.5)]).clone(),
+                    );
+                    broken = true;
+                    None
+                }
+                5 => {
+                    obj.insert("retry_after_s".into(), Value::Null);
+                    None
+                }
+                _ => None,
+            };
+            let reset = match t.below(9) {
+                0..=4 => Some("2024-03-01T00:00:00Z".to_string()),
+                5 => Some(
+                    t.pick(&[
+                        "",
+                        "x".repeat(65).as_str(),
+                        "2024-03-01T00:00:00Z\r\nx: y",
+                        "2024-03-01 00:00:00Z",
+                    ])
+                    .to_string(),
+                ),
+                6 => {
+                    obj.insert("reset_at".into(), json!(5));
+                    broken = true;
+                    None
+                }
+                _ => None,
+            };
+            if let Some(r) = &reset {
+                obj.insert("reset_at".into(), json!(r));
+            }
+            let reset_ok = reset.filter(|r| {
+                !r.is_empty() && r.len() <= 64 && r.bytes().all(|b| (0x21..0x7f).contains(&b))
+            });
+            expect = match st {
+                Some(429) if retry.is_some() => QuotaExpect::Deny {
+                    status: 429,
+                    retry_after: retry.map(|r| r.max(1)),
+                    reset_at: reset_ok,
+                },
+                Some(402) if reset_ok.is_some() => QuotaExpect::Deny {
+                    status: 402,
+                    retry_after: retry.map(|r| r.max(1)),
+                    reset_at: reset_ok,
+                },
+                _ => QuotaExpect::Fail,
+            };
+        }
+        _ => {
+            expect = QuotaExpect::Fail;
+            raw = Some(match t.below(12) {
+                0 => t.bytes(100),
+                1 => b"null".to_vec(),
+                2 => b"[]".to_vec(),
+                3 => b"{}".to_vec(),
+                4 => br#"{"allowed":"true"}"#.to_vec(),
+                5 => br#"{"allowed":1}"#.to_vec(),
+                6 => br#"{"allowed":true,"allowed":false}"#.to_vec(),
+                7 => br#"{"allowed":true,"headers":[]}"#.to_vec(),
+                8 => br#"{"allowed":true,"headers":null}"#.to_vec(),
+                9 => br#"{"allowed":true,"headers":{"x-quota-remaining":"1"}"#.to_vec(),
+                10 => {
+                    // Nested past serde_json's recursion limit, in a field the filter does
+                    // not read: skipped without recursion, so still an answer.
+                    expect = QuotaExpect::Allow;
+                    format!(
+                        r#"{{"allowed":true,"x":{}1{}}}"#,
+                        "[".repeat(300),
+                        "]".repeat(300)
+                    )
+                    .into_bytes()
+                }
+                _ => b"\xef\xbb\xbf{\"allowed\":true}".to_vec(),
+            });
+        }
+    }
+    if raw.is_none() {
+        if t.chance(10) {
+            // Fields the filter does not read are ignored, whatever they hold.
+            obj.insert("tier".into(), json!(weird_string(t)));
+            obj.insert("reset_s".into(), json!([1, {"x": null}]));
+            obj.insert(
+                "x".into(),
+                serde_json::from_str(&format!("{}1{}", "[".repeat(50), "]".repeat(50)))
+                    .unwrap_or(Value::Null),
+            );
+        }
+        if t.chance(5) {
+            obj.insert(
+                "headers".into(),
+                t.pick(&[json!([]), json!("x"), Value::Null]).clone(),
+            );
+            broken = true;
+        } else if named > 0 || t.chance(50) {
+            obj.insert("headers".into(), Value::Object(headers));
+        }
+        if t.chance(5) {
+            obj.remove("allowed");
+            broken = true;
+        }
+        if t.chance(8) {
+            // Around the size limit.
+            let target = *t.pick(&[16_000usize, 16_384, 16_385, 100_000, 1 << 20]);
+            let base = serde_json::to_vec(&obj).map(|b| b.len()).unwrap_or(0);
+            obj.insert(
+                "pad".into(),
+                json!("p".repeat(target.saturating_sub(base + 10))),
+            );
+        }
+    }
+    let body = raw.unwrap_or_else(|| serde_json::to_vec(&obj).expect("json"));
+    if broken || body.len() > api_guard::quota_client::MAX_ANSWER_BYTES {
+        expect = QuotaExpect::Fail;
+    }
+    FakeAnswer {
+        status,
+        body,
+        expect,
+        copied,
+        named,
+    }
+}
+
+/// The glue's per-VM circuit breaker, and an independent model of its documented behaviour
+/// (docs/CONFIG.md: `failures` consecutive failures open it for `open_ms`, then one probe).
+struct QuotaSim {
+    breaker: Breaker,
+    failures_to_open: u32,
+    open_ms: u64,
+    consecutive: u32,
+    open_until: Option<u64>,
+}
+
+impl QuotaSim {
+    fn new(cfg: &Config) -> Self {
+        let bc = cfg
+            .raw
+            .quota
+            .as_ref()
+            .map(|q| q.breaker.clone())
+            .unwrap_or_default();
+        QuotaSim {
+            breaker: Breaker::new(&bc),
+            failures_to_open: bc.failures.max(1),
+            open_ms: bc.open_ms,
+            consecutive: 0,
+            open_until: None,
+        }
+    }
+    fn model_calls(&self, now: u64) -> bool {
+        self.open_until.is_none_or(|u| now >= u)
+    }
+    fn model_record(&mut self, ok: bool, now: u64) {
+        if ok {
+            self.consecutive = 0;
+            self.open_until = None;
+        } else {
+            self.consecutive = self.consecutive.saturating_add(1);
+            // A failed probe reopens at once.
+            if self.open_until.is_some() || self.consecutive >= self.failures_to_open {
+                self.open_until = Some(now.saturating_add(self.open_ms));
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Driving the pipeline exactly as the glue does.
 
 #[derive(Debug)]
 enum Outcome {
     Forward(pipeline::UpstreamEdits),
     Reply(LocalReply),
+    /// A local answer that is not a denial (the CORS preflight's 204).
+    Answer(pipeline::Answer),
 }
 
 struct Run {
@@ -1139,9 +1900,17 @@ struct Run {
     ex: Exchange,
     /// The body bytes the pipeline was given.
     fed: Vec<u8>,
+    /// The quota callout, when the request made one.
+    quota: Option<QuotaRecord>,
 }
 
-fn drive(cfg: &Config, store: &MemoryStore, r: &Req, t: &mut Tape) -> Result<Run, TestCaseError> {
+fn drive(
+    cfg: &Config,
+    store: &MemoryStore,
+    r: &Req,
+    t: &mut Tape,
+    sim: &mut QuotaSim,
+) -> Result<Run, TestCaseError> {
     let env = Env {
         now_ms: r.now_ms,
         store,
@@ -1157,6 +1926,7 @@ fn drive(cfg: &Config, store: &MemoryStore, r: &Req, t: &mut Tape) -> Result<Run
     let mut fed = Vec::new();
     let mut chunks = r.chunks.iter();
     let mut jwks_waits = 0;
+    let mut quota: Option<QuotaRecord> = None;
     let mut v = pipeline::on_request_headers(cfg, &req, &mut ex, &env);
     for _ in 0..64 {
         match v {
@@ -1165,6 +1935,7 @@ fn drive(cfg: &Config, store: &MemoryStore, r: &Req, t: &mut Tape) -> Result<Run
                     outcome: Outcome::Forward(e),
                     ex,
                     fed,
+                    quota,
                 })
             }
             Verdict::Reply(rep) => {
@@ -1173,6 +1944,7 @@ fn drive(cfg: &Config, store: &MemoryStore, r: &Req, t: &mut Tape) -> Result<Run
                     outcome: Outcome::Reply(rep),
                     ex,
                     fed,
+                    quota,
                 });
             }
             Verdict::Wait(Wait::Body) => {
@@ -1233,18 +2005,143 @@ fn drive(cfg: &Config, store: &MemoryStore, r: &Req, t: &mut Tape) -> Result<Run
                 ex.jwks_fetched = true;
                 v = pipeline::run(cfg, &req, &mut ex, &env);
             }
-            // The generated configs have no `cors` and no `quota` section: a preflight answer
-            // or a quota callout would mean a stage acted on configuration it was not given.
+            // Only a `cors` section answers, only a `quota` section calls out.
             Verdict::Answer(a) => {
-                return Err(TestCaseError::fail(format!(
-                    "a local answer ({}) without CORS configured",
+                prop_assert!(
+                    cfg.cors.is_some(),
+                    "a local answer ({}) without CORS",
                     a.status
-                )))
+                );
+                prop_assert_eq!(ex.stage, pipeline::Stage::Done);
+                return Ok(Run {
+                    outcome: Outcome::Answer(a),
+                    ex,
+                    fed,
+                    quota,
+                });
             }
-            Verdict::Wait(Wait::Quota(_)) => {
-                return Err(TestCaseError::fail(
-                    "a quota callout without a quota section",
-                ))
+            Verdict::Wait(Wait::Quota(call)) => {
+                let Some(qc) = cfg.raw.quota.as_ref() else {
+                    return Err(TestCaseError::fail(
+                        "a quota callout without a quota section",
+                    ));
+                };
+                let Some(policy) = ex.policy(cfg) else {
+                    return Err(TestCaseError::fail("a quota callout without a route"));
+                };
+                prop_assert!(policy.quota, "a quota callout on a route without quota");
+                prop_assert!(
+                    quota.is_none(),
+                    "a request calls the quota service at most once"
+                );
+                // The callout itself: cluster, authority, timeout, and what it asks.
+                prop_assert_eq!(&call.cluster, &qc.cluster);
+                prop_assert_eq!(
+                    call.authority.as_str(),
+                    qc.authority.as_deref().unwrap_or(&qc.cluster)
+                );
+                prop_assert_eq!(call.timeout_ms, qc.timeout_ms);
+                let asked: Value = serde_json::from_slice(&call.body)
+                    .map_err(|e| TestCaseError::fail(format!("callout body: {e}")))?;
+                let (client, tier) = match &ex.identity {
+                    Some(id) => (id.client.clone(), id.tier.clone()),
+                    None => (
+                        ex.client_ip.clone().unwrap_or_else(|| "unknown".into()),
+                        "anonymous".to_string(),
+                    ),
+                };
+                prop_assert_eq!(
+                    &asked,
+                    &json!({"client": client, "tier": tier, "route": ex.route_name(cfg),
+                            "cost": policy.cost})
+                );
+                for (k, v) in call.headers() {
+                    prop_assert!(header_name_ok(k.trim_start_matches(':')) && header_safe(v));
+                }
+                // The glue: breaker first, then the callout; its result recorded.
+                let permit = sim.breaker.permit(r.now_ms);
+                prop_assert_eq!(
+                    permit == Permit::Call,
+                    sim.model_calls(r.now_ms),
+                    "circuit breaker at {} ms",
+                    r.now_ms
+                );
+                let rec = if permit == Permit::Skip {
+                    ex.quota = Some(QuotaOutcome::Failed("circuit breaker open".into()));
+                    QuotaRecord {
+                        expect: QuotaExpect::Fail,
+                        skipped: true,
+                        copied: Vec::new(),
+                    }
+                } else {
+                    let fake = quota_answer(t);
+                    let got = match fake.status {
+                        None => Err("no answer within timeout_ms".to_string()),
+                        Some(_) if fake.body.len() > api_guard::quota_client::MAX_ANSWER_BYTES => {
+                            Err("answer too large".to_string())
+                        }
+                        Some(st) => parse_answer(st, &fake.body),
+                    };
+                    // Read independently of the glue's size check too.
+                    if let Some(st) = fake.status {
+                        prop_assert_eq!(parse_answer(st, &fake.body).is_ok(), got.is_ok());
+                    }
+                    match (&got, &fake.expect) {
+                        (Ok(QuotaAnswer::Allow { headers, .. }), QuotaExpect::Allow) => {
+                            let mut want = fake.copied.clone();
+                            let mut have = headers.clone();
+                            want.sort();
+                            have.sort();
+                            if fake.named <= 16 {
+                                prop_assert_eq!(have, want, "headers copied from an allow");
+                            } else {
+                                prop_assert!(have.iter().all(|h| want.contains(h)));
+                            }
+                        }
+                        (
+                            Ok(QuotaAnswer::Deny {
+                                status,
+                                retry_after_s,
+                                reset_at,
+                                headers,
+                                ..
+                            }),
+                            QuotaExpect::Deny {
+                                status: s,
+                                retry_after,
+                                reset_at: at,
+                            },
+                        ) => {
+                            prop_assert_eq!(status, s);
+                            prop_assert_eq!(retry_after_s, retry_after);
+                            prop_assert_eq!(reset_at, at);
+                            prop_assert!(headers.iter().all(|h| fake.copied.contains(h)));
+                        }
+                        (Err(_), QuotaExpect::Fail) => {}
+                        (got, want) => {
+                            return Err(TestCaseError::fail(format!(
+                                "quota answer {:?} (HTTP {:?}) read as {:?}, expected {:?}",
+                                String::from_utf8_lossy(&fake.body[..fake.body.len().min(300)]),
+                                fake.status,
+                                got,
+                                want
+                            )))
+                        }
+                    }
+                    sim.breaker.record(got.is_ok(), r.now_ms);
+                    sim.model_record(got.is_ok(), r.now_ms);
+                    ex.quota = Some(match got {
+                        Ok(a) => QuotaOutcome::Answered(a),
+                        Err(why) => QuotaOutcome::Failed(why),
+                    });
+                    QuotaRecord {
+                        expect: fake.expect,
+                        skipped: false,
+                        copied: fake.copied,
+                    }
+                };
+                quota = Some(rec);
+                v = pipeline::run(cfg, &req, &mut ex, &env);
             }
         }
     }
@@ -1298,6 +2195,13 @@ fn check_reply(cfg: &Config, r: &Req, run: &Run, rep: &LocalReply) -> Result<(),
             let want = secs.to_string();
             prop_assert_eq!(first(&hdrs, "retry-after"), Some(want.as_str()));
         }
+        ErrorCode::QuotaExceeded => {
+            prop_assert!(
+                body["reset_at"].as_str().is_some_and(|s| !s.is_empty()),
+                "402 body needs reset_at: {}",
+                body
+            );
+        }
         ErrorCode::InvalidToken => {
             prop_assert_eq!(
                 first(&hdrs, "www-authenticate"),
@@ -1335,7 +2239,6 @@ fn check_forward(
     r: &Req,
     run: &Run,
     e: &pipeline::UpstreamEdits,
-    t: &mut Tape,
 ) -> Result<(), TestCaseError> {
     for name in &cfg.stripped_request_headers {
         if count(&r.headers, name) > 0 {
@@ -1369,24 +2272,361 @@ fn check_forward(
             v
         );
     }
-    // The response side with a hostile upstream header map.
-    let upstream: Vec<(String, String)> = (0..t.below(4))
-        .map(|_| {
-            (
-                t.pick(&["vary", "x-frame-options", "ratelimit", "x-other"])
-                    .to_string(),
-                weird_string(t),
-            )
-        })
-        .collect();
-    for op in headers::response_ops(cfg, &upstream, &run.ex.response_headers, &run.ex.vary) {
-        let (k, v) = match op {
-            headers::HeaderOp::Add(k, v) | headers::HeaderOp::Set(k, v) => (k, v),
-            headers::HeaderOp::Remove(k) => (k, String::new()),
+    Ok(())
+}
+
+fn values<'a>(h: &'a [(String, String)], name: &str) -> Vec<&'a str> {
+    h.iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+        .collect()
+}
+
+type Headers = Vec<(String, String)>;
+
+const ACAO: &str = "access-control-allow-origin";
+const ACAC: &str = "access-control-allow-credentials";
+const ACEH: &str = "access-control-expose-headers";
+
+/// The response the client gets, as the glue builds it: a local reply's or answer's header
+/// list, or for a forwarded request a hostile upstream response with the filter's ops applied
+/// (as Envoy applies them). Returns (client response headers, upstream headers).
+fn response_of(cfg: &Config, run: &Run, t: &mut Tape) -> Result<(Headers, Headers), TestCaseError> {
+    let ex = &run.ex;
+    Ok(match &run.outcome {
+        Outcome::Reply(rep) => (
+            headers::local_reply_headers(cfg, rep, &ex.response_headers, &ex.vary),
+            Vec::new(),
+        ),
+        Outcome::Answer(a) => (
+            headers::answer_headers(cfg, a, &ex.response_headers, &ex.vary),
+            Vec::new(),
+        ),
+        Outcome::Forward(_) => {
+            let upstream: Vec<(String, String)> = (0..t.below(5))
+                .map(|_| {
+                    let name = t
+                        .pick(&[
+                            "vary",
+                            "x-frame-options",
+                            "ratelimit",
+                            "x-other",
+                            "access-control-allow-origin",
+                            "access-control-allow-credentials",
+                            "access-control-max-age",
+                            "strict-transport-security",
+                        ])
+                        .to_string();
+                    let value = match t.below(3) {
+                        0 => "*".to_string(),
+                        1 => "true".to_string(),
+                        _ => weird_string(t),
+                    };
+                    (name, value)
+                })
+                .collect();
+            let mut h = upstream.clone();
+            for op in headers::response_ops(cfg, &upstream, &ex.response_headers, &ex.vary) {
+                match op {
+                    headers::HeaderOp::Add(k, v) | headers::HeaderOp::Set(k, v)
+                        if k != "vary" && !header_safe(&v) =>
+                    {
+                        prop_assert!(false, "response op {}: {:?}", k, v);
+                    }
+                    // Envoy's add appends; `response_ops` adds only what is absent.
+                    headers::HeaderOp::Add(k, v) => h.push((k, v)),
+                    headers::HeaderOp::Set(k, v) => {
+                        h.retain(|(n, _)| !n.eq_ignore_ascii_case(&k));
+                        h.push((k, v));
+                    }
+                    headers::HeaderOp::Remove(k) => h.retain(|(n, _)| !n.eq_ignore_ascii_case(&k)),
+                }
+            }
+            (h, upstream)
+        }
+    })
+}
+
+/// Headers the request path may put on a response (`Exchange::response_headers`): the
+/// rate-limit set, the quota service's, CORS.
+fn filter_owned(name: &str) -> bool {
+    answer_header_allowed(name) || matches!(name, ACAO | ACAC | ACEH | "retry-after")
+}
+
+/// What the SPEC requires of every response, whatever the config: security headers never
+/// overridden; with CORS, `vary: origin`, `access-control-allow-origin` only as the request's
+/// own allowed origin (never `*`), none on a refused preflight, no upstream CORS header
+/// widening the policy.
+fn check_response(
+    cfg: &Config,
+    r: &Req,
+    run: &Run,
+    resp: &[(String, String)],
+    upstream: &[(String, String)],
+) -> Result<(), TestCaseError> {
+    for (k, v) in &run.ex.response_headers {
+        prop_assert!(filter_owned(k), "the request path set {}: {:?}", k, v);
+    }
+    for (k, v) in resp {
+        prop_assert!(header_name_ok(k), "response header name {:?}", k);
+        prop_assert!(k == "vary" || upstream.iter().any(|(n, _)| n == k) || header_safe(v));
+    }
+    for (name, value) in &cfg.security_headers {
+        if values(upstream, name).is_empty() {
+            prop_assert_eq!(
+                values(resp, name),
+                vec![value.as_str()],
+                "security header {}",
+                name
+            );
+        }
+    }
+    let Some(policy) = &cfg.cors else {
+        prop_assert!(
+            !run.ex
+                .response_headers
+                .iter()
+                .any(|(k, _)| k.starts_with("access-control-")),
+            "CORS headers without a cors section"
+        );
+        return Ok(());
+    };
+    let vary = values(resp, "vary").join(",");
+    prop_assert!(
+        vary.split(',')
+            .any(|t| t.trim().eq_ignore_ascii_case("origin") || t.trim() == "*"),
+        "no vary: origin on a CORS response: {:?}",
+        vary
+    );
+    // Every access-control-* header on the response is the filter's own.
+    let own: Vec<(String, String)> = match &run.outcome {
+        Outcome::Answer(a) => a.headers.clone(),
+        _ => run.ex.response_headers.clone(),
+    };
+    for (k, v) in resp {
+        if k.to_ascii_lowercase().starts_with("access-control-") {
+            prop_assert!(
+                own.contains(&(k.clone(), v.clone())),
+                "{}: {:?} not set by the filter",
+                k,
+                v
+            );
+        }
+    }
+    let acao = values(resp, ACAO);
+    prop_assert!(acao.len() <= 1, "several {}", ACAO);
+    match acao.first() {
+        Some(a) => {
+            prop_assert_ne!(*a, "*");
+            prop_assert_eq!(count(&r.headers, "origin"), 1);
+            prop_assert_eq!(
+                Some(*a),
+                first(&r.headers, "origin"),
+                "{} echoes the origin",
+                ACAO
+            );
+            prop_assert!(origin_shaped(a), "allowed a malformed origin {:?}", a);
+            prop_assert_eq!(
+                values(resp, ACAC),
+                if policy.allow_credentials() {
+                    vec!["true"]
+                } else {
+                    vec![]
+                }
+            );
+        }
+        None => {
+            prop_assert!(values(resp, ACAC).is_empty() && values(resp, ACEH).is_empty());
+        }
+    }
+    if let Outcome::Reply(rep) = &run.outcome {
+        if rep.code == ErrorCode::CorsRejected {
+            prop_assert!(
+                !resp.iter().any(|(k, _)| k.starts_with("access-control-")),
+                "a refused preflight carries CORS headers: {:?}",
+                resp
+            );
+        }
+    }
+    Ok(())
+}
+
+fn is_preflight(r: &Req) -> bool {
+    r.method == "OPTIONS"
+        && count(&r.headers, "origin") > 0
+        && count(&r.headers, "access-control-request-method") > 0
+}
+
+/// The known verdict on a preflight in a CORS flavor: `None` when its origin's is unknown
+/// (and nothing else refuses it).
+fn preflight_expect(flavor: Flavor, r: &Req) -> Option<bool> {
+    let (methods, allowed_headers, _, _) = cors_rules(flavor)?;
+    if count(&r.headers, "origin") != 1 || count(&r.headers, "access-control-request-method") != 1 {
+        return Some(false);
+    }
+    let method_ok = first(&r.headers, "access-control-request-method")
+        .is_some_and(|m| methods.contains(&m.trim_matches([' ', '\t'])));
+    let headers_ok = values(&r.headers, "access-control-request-headers")
+        .iter()
+        .flat_map(|l| l.split(','))
+        .map(|h| h.trim_matches([' ', '\t']))
+        .filter(|h| !h.is_empty())
+        .all(|h| allowed_headers.iter().any(|a| a.eq_ignore_ascii_case(h)));
+    if !method_ok || !headers_ok {
+        return Some(false);
+    }
+    origin_verdict(flavor, first(&r.headers, "origin").unwrap_or(""))
+}
+
+/// CORS in the test's own configs: preflights answered exactly when allowed, actual
+/// responses carrying `access-control-allow-origin` exactly for allowed origins.
+fn check_cors_world(
+    w: &World,
+    r: &Req,
+    run: &Run,
+    resp: &[(String, String)],
+) -> Result<(), TestCaseError> {
+    let Some((methods, allowed_headers, creds, expose)) = cors_rules(w.flavor) else {
+        return Ok(());
+    };
+    let origin = first(&r.headers, "origin");
+    if is_preflight(r) {
+        let want = preflight_expect(w.flavor, r);
+        match &run.outcome {
+            Outcome::Answer(a) => {
+                prop_assert_eq!(a.status, 204);
+                prop_assert_ne!(want, Some(false), "preflight answered 204: {:?}", r.headers);
+                prop_assert_eq!(values(resp, ACAO), vec![origin.unwrap_or("")]);
+                prop_assert_eq!(
+                    values(resp, "access-control-allow-methods"),
+                    vec![methods.join(", ")]
+                );
+                prop_assert_eq!(
+                    values(resp, "access-control-allow-headers"),
+                    vec![allowed_headers.join(", ")]
+                );
+                prop_assert_eq!(values(resp, "access-control-max-age").len(), 1);
+                prop_assert_eq!(
+                    values(resp, ACAC),
+                    if creds { vec!["true"] } else { vec![] }
+                );
+                prop_assert!(values(resp, "content-type").is_empty(), "a 204 has no body");
+            }
+            // Path checks come before the preflight.
+            Outcome::Reply(rep) if rep.code == ErrorCode::InvalidRequest => {}
+            Outcome::Reply(rep) => {
+                prop_assert_eq!(rep.code, ErrorCode::CorsRejected, "preflight got {:?}", rep);
+                prop_assert_ne!(
+                    want,
+                    Some(true),
+                    "allowed preflight refused: {:?}",
+                    r.headers
+                );
+            }
+            Outcome::Forward(_) => prop_assert!(false, "a preflight was forwarded"),
+        }
+        return Ok(());
+    }
+    let want = match values(&r.headers, "origin").as_slice() {
+        [o] => origin_verdict(w.flavor, o),
+        _ => Some(false),
+    };
+    let acao = first(resp, ACAO);
+    match want {
+        Some(true) => prop_assert_eq!(acao, origin, "allowed origin without {}", ACAO),
+        Some(false) => prop_assert_eq!(acao, None, "refused origin got {}", ACAO),
+        None => {}
+    }
+    if acao.is_some() {
+        prop_assert_eq!(
+            values(resp, ACAC),
+            if creds { vec!["true"] } else { vec![] }
+        );
+        prop_assert_eq!(
+            values(resp, ACEH),
+            if expose.is_empty() {
+                vec![]
+            } else {
+                vec![expose]
+            }
+        );
+    }
+    Ok(())
+}
+
+/// The quota callout in the test's own configs: asked exactly on quota routes, its answer
+/// applied as documented, failures following `failure_mode`.
+fn check_quota_world(w: &World, run: &Run, resp: &[(String, String)]) -> Result<(), TestCaseError> {
+    let cfg = &w.cfg;
+    let quota_route = cfg.raw.quota.is_some() && run.ex.policy(cfg).is_some_and(|p| p.quota);
+    let Some(q) = &run.quota else {
+        prop_assert!(
+            !(quota_route && matches!(run.outcome, Outcome::Forward(_))),
+            "a quota route forwarded without asking the service"
+        );
+        return Ok(());
+    };
+    prop_assert!(quota_route);
+    let deny_mode = cfg
+        .raw
+        .quota
+        .as_ref()
+        .is_some_and(|c| c.failure_mode == "deny");
+    match (&q.expect, &run.outcome) {
+        (QuotaExpect::Fail, Outcome::Reply(rep)) if deny_mode => {
+            prop_assert_eq!(rep.code, ErrorCode::QuotaUnavailable)
+        }
+        (QuotaExpect::Fail, Outcome::Forward(_)) if !deny_mode => prop_assert!(
+            !run.ex
+                .response_headers
+                .iter()
+                .any(|(k, _)| k.starts_with("x-quota-")),
+            "a failed callout added quota headers"
+        ),
+        (QuotaExpect::Allow, Outcome::Forward(_)) => {
+            for (k, v) in q.copied.iter().filter(|(k, _)| k.starts_with("x-quota-")) {
+                prop_assert_eq!(values(resp, k), vec![v.as_str()], "{} from the answer", k);
+            }
+        }
+        (
+            QuotaExpect::Deny {
+                status,
+                retry_after,
+                reset_at,
+            },
+            Outcome::Reply(rep),
+        ) => {
+            prop_assert_eq!(rep.status, *status);
+            prop_assert_eq!(
+                rep.code,
+                if *status == 402 {
+                    ErrorCode::QuotaExceeded
+                } else {
+                    ErrorCode::RateLimitExceeded
+                }
+            );
+            let body: Value = serde_json::from_slice(&rep.body())
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(body["retry_after"].as_u64(), *retry_after, "{}", body);
+            prop_assert_eq!(body["reset_at"].as_str(), reset_at.as_deref(), "{}", body);
+            let ra = retry_after.map(|s| s.to_string());
+            prop_assert_eq!(first(resp, "retry-after"), ra.as_deref());
+        }
+        (e, o) => prop_assert!(false, "quota answer {:?} ended in {:?}", e, o),
+    }
+    // The rate-limit headers describe one limit: a local limit's pair is never mixed with
+    // the service's.
+    if let (Some(p), Some(l)) = (first(resp, "ratelimit-policy"), first(resp, "ratelimit")) {
+        let local = |v: &str| {
+            let name = v.split(';').next().unwrap_or("");
+            w.doc["rate_limits"]
+                .as_object()
+                .is_some_and(|m| m.keys().any(|k| name == format!("\"{k}\"")))
         };
-        prop_assert!(header_name_ok(&k), "response op name {:?}", k);
-        // `vary` merges the upstream's value, which is the upstream's business.
-        prop_assert!(k == "vary" || header_safe(&v), "response op {}: {:?}", k, v);
+        prop_assert_eq!(local(p), local(l), "mixed rate-limit headers: {:?}", resp);
+        if local(p) {
+            prop_assert_eq!(p.split(';').next(), l.split(';').next());
+        }
     }
     Ok(())
 }
@@ -1404,8 +2644,20 @@ fn raw_path(p: &str) -> &str {
 }
 
 /// The contract specific to the test's own config: what may be admitted, and why.
-fn check_world(w: &World, signed: &Signed, r: &Req, run: &Run) -> Result<(), TestCaseError> {
+fn check_world(
+    w: &World,
+    signed: &Signed,
+    r: &Req,
+    run: &Run,
+    resp: &[(String, String)],
+) -> Result<(), TestCaseError> {
     let cfg = &w.cfg;
+    check_cors_world(w, r, run, resp)?;
+    check_quota_world(w, run, resp)?;
+    if matches!(run.outcome, Outcome::Answer(_)) {
+        // A preflight answer (checked above) admits nothing: it never reaches the upstream.
+        return Ok(());
+    }
     let p = raw_path(&r.path);
     let lower = p.to_ascii_lowercase();
     let bad_path = !p.starts_with('/')
@@ -1433,8 +2685,16 @@ fn check_world(w: &World, signed: &Signed, r: &Req, run: &Run) -> Result<(), Tes
     if let Outcome::Reply(rep) = &run.outcome {
         // Only the stages a route has can refuse it.
         match rep.code {
-            ErrorCode::CorsRejected | ErrorCode::QuotaExceeded | ErrorCode::QuotaUnavailable => {
-                prop_assert!(false, "no CORS or quota configured: {:?}", rep)
+            ErrorCode::CorsRejected => prop_assert!(
+                cfg.cors.is_some() && is_preflight(r),
+                "cors_rejected for a non-preflight or without CORS"
+            ),
+            ErrorCode::QuotaExceeded | ErrorCode::QuotaUnavailable => {
+                prop_assert!(
+                    run.quota.is_some(),
+                    "{:?} without a quota callout",
+                    rep.code
+                )
             }
             ErrorCode::InvalidSignature | ErrorCode::PayloadTooLarge => {
                 prop_assert!(webhook.is_some(), "{:?} on route {:?}", rep.code, route)
@@ -1446,7 +2706,7 @@ fn check_world(w: &World, signed: &Signed, r: &Req, run: &Run) -> Result<(), Tes
                 prop_assert!(mode != "none", "{:?} on route {:?}", rep.code, route)
             }
             ErrorCode::RateLimitExceeded => prop_assert!(
-                policy.is_some_and(|p| !p.rate_limits.is_empty()),
+                policy.is_some_and(|p| !p.rate_limits.is_empty()) || run.quota.is_some(),
                 "429 on route {:?}",
                 route
             ),
@@ -1651,7 +2911,7 @@ fn delivery_key(cfg: &Config, r: &Req, run: &Run) -> Delivery {
 
 #[test]
 fn hostile_requests_never_panic_and_never_pass_what_they_should_not() {
-    let w = world();
+    let worlds: Vec<World> = FLAVORS.iter().map(|f| world(*f)).collect();
     let started = Instant::now();
     let mut stats: HashMap<String, u32> = HashMap::new();
     let stats_cell = std::cell::RefCell::new(&mut stats);
@@ -1660,7 +2920,9 @@ fn hostile_requests_never_panic_and_never_pass_what_they_should_not() {
             data: &data,
             pos: 0,
         };
+        let w = &worlds[t.below(worlds.len())];
         let store = fresh_store(&w.cfg);
+        let mut sim = QuotaSim::new(&w.cfg);
         let mut signed = Signed::default();
         let mut accepted = HashSet::new();
         let mut now = match t.below(30) {
@@ -1681,14 +2943,17 @@ fn hostile_requests_never_panic_and_never_pass_what_they_should_not() {
                     p.now_ms = now;
                     p
                 }
-                _ => request(&mut t, &w, now, &mut signed),
+                _ => request(&mut t, w, now, &mut signed),
             };
-            let run = drive(&w.cfg, &store, &r, &mut t)?;
+            let run = drive(&w.cfg, &store, &r, &mut t, &mut sim)?;
             match &run.outcome {
                 Outcome::Reply(rep) => check_reply(&w.cfg, &r, &run, rep)?,
-                Outcome::Forward(e) => check_forward(&w.cfg, &r, &run, e, &mut t)?,
+                Outcome::Forward(e) => check_forward(&w.cfg, &r, &run, e)?,
+                Outcome::Answer(_) => {}
             }
-            check_world(&w, &signed, &r, &run)?;
+            let (resp, upstream) = response_of(&w.cfg, &run, &mut t)?;
+            check_response(&w.cfg, &r, &run, &resp, &upstream)?;
+            check_world(w, &signed, &r, &run, &resp)?;
             if matches!(run.outcome, Outcome::Forward(_))
                 && run.ex.policy(&w.cfg).is_some_and(|p| p.webhook.is_some())
             {
@@ -1705,8 +2970,32 @@ fn hostile_requests_never_panic_and_never_pass_what_they_should_not() {
                 (Outcome::Forward(_), None) if hook.is_some() => "forward+webhook".to_string(),
                 (Outcome::Forward(_), None) => "forward".to_string(),
                 (Outcome::Reply(rep), _) => rep.code.as_str().to_string(),
+                (Outcome::Answer(a), _) => format!("answer {}", a.status),
             };
-            *stats_cell.borrow_mut().entry(label).or_default() += 1;
+            let mut more = Vec::new();
+            if let Some(q) = &run.quota {
+                more.push(match (&q.expect, q.skipped) {
+                    (_, true) => "quota: breaker open".to_string(),
+                    (QuotaExpect::Allow, _) => "quota: allow".to_string(),
+                    (QuotaExpect::Deny { status, .. }, _) => format!("quota: deny {status}"),
+                    (QuotaExpect::Fail, _) => format!(
+                        "quota: failed, {}",
+                        w.cfg
+                            .raw
+                            .quota
+                            .as_ref()
+                            .map_or("", |c| c.failure_mode.as_str())
+                    ),
+                });
+            }
+            if w.cfg.cors.is_some() && !is_preflight(&r) && first(&resp, ACAO).is_some() {
+                more.push("cors: actual allowed".to_string());
+            }
+            let mut st = stats_cell.borrow_mut();
+            *st.entry(label).or_default() += 1;
+            for m in more {
+                *st.entry(m).or_default() += 1;
+            }
             prev = Some(r);
         }
         Ok(())
@@ -1734,6 +3023,17 @@ fn hostile_requests_never_panic_and_never_pass_what_they_should_not() {
         "insufficient_scope",
         "payload_too_large",
         "rate_limit_exceeded",
+        "answer 204",
+        "cors_rejected",
+        "cors: actual allowed",
+        "quota_exceeded",
+        "quota_unavailable",
+        "quota: allow",
+        "quota: deny 402",
+        "quota: deny 429",
+        "quota: failed, allow",
+        "quota: failed, deny",
+        "quota: breaker open",
     ] {
         assert!(stats.contains_key(must), "no case reached {must}: {seen:?}");
     }
@@ -1910,7 +3210,7 @@ fn weird_key(t: &mut Tape) -> String {
 
 #[test]
 fn mutated_configs_are_errors_with_a_path_or_valid_and_safe() {
-    let w = world();
+    let worlds: Vec<World> = FLAVORS.iter().map(|f| world(*f)).collect();
     let started = Instant::now();
     let mut outcomes = [0u32; 3]; // ok, error with path, byte-level garbage
     let counts = std::cell::RefCell::new(&mut outcomes);
@@ -1919,6 +3219,7 @@ fn mutated_configs_are_errors_with_a_path_or_valid_and_safe() {
             data: &data,
             pos: 0,
         };
+        let w = &worlds[t.below(worlds.len())];
         let mut doc = w.doc.clone();
         let mut targets = Vec::new();
         for _ in 0..=t.below(3) {
@@ -1964,14 +3265,18 @@ fn mutated_configs_are_errors_with_a_path_or_valid_and_safe() {
                 counts.borrow_mut()[0] += 1;
                 // Valid but odd: requests through it still obey the generic contract.
                 let store = fresh_store(&cfg);
+                let mut sim = QuotaSim::new(&cfg);
                 let mut signed = Signed::default();
                 for i in 0..3 {
-                    let r = request(&mut t, &w, T0_MS + i * 1000, &mut signed);
-                    let run = drive(&cfg, &store, &r, &mut t)?;
+                    let r = request(&mut t, w, T0_MS + i * 1000, &mut signed);
+                    let run = drive(&cfg, &store, &r, &mut t, &mut sim)?;
                     match &run.outcome {
                         Outcome::Reply(rep) => check_reply(&cfg, &r, &run, rep)?,
-                        Outcome::Forward(e) => check_forward(&cfg, &r, &run, e, &mut t)?,
+                        Outcome::Forward(e) => check_forward(&cfg, &r, &run, e)?,
+                        Outcome::Answer(_) => {}
                     }
+                    let (resp, upstream) = response_of(&cfg, &run, &mut t)?;
+                    check_response(&cfg, &r, &run, &resp, &upstream)?;
                 }
             }
         }
