@@ -356,6 +356,13 @@ end
         if cbase and c != "plain":
             extra = " ".join(f"{x - b:+.1f}" for x, b in zip(cv, cbase))
         print(f"{c:16s} {min(v):9.0f}-{max(v):<10.0f} {med:7.0f} {min(cv):9.1f}-{max(cv):<10.1f} {cmed:7.1f}  {extra}")
+    # Paired: each '@b' case against its base case run next to it in the same round.
+    for c in cpu:
+        base_case = c.partition("@")[0]
+        if c.endswith("@b") and base_case in cpu:
+            d = sorted(b - a for a, b in zip(cpu[base_case], cpu[c]))
+            print(f"{c} - {base_case}: CPU us/req per round {' '.join(f'{x:+.1f}' for x in d)}"
+                  f"  median {d[len(d) // 2]:+.1f}")
 
 
 if __name__ == "__main__":

@@ -11,8 +11,29 @@ use api_guard::headers;
 use api_guard::pipeline::{self, Env, Exchange, Request, Verdict};
 use api_guard::store::MemoryStore;
 use serde_json::{json, Map, Value};
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Instant;
+
+/// Counts heap allocations: in wasm each costs tens of nanoseconds (dlmalloc in V8).
+struct Counting;
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Relaxed);
+        System.alloc(l)
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        System.dealloc(p, l)
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+        ALLOCS.fetch_add(1, Relaxed);
+        System.realloc(p, l, n)
+    }
+}
+#[global_allocator]
+static GLOBAL: Counting = Counting;
 
 const ISS: &str = "https://auth.example.com";
 const AUD: &str = "https://api.example.com";
@@ -74,8 +95,10 @@ fn per_request(label: &str, cfg: &config::Config, headers: &[(String, String)], 
         t0.elapsed().as_secs_f64() * 1e6 / f64::from(n)
     };
     run(n / 10, &mut now_ms);
+    let a0 = ALLOCS.load(Relaxed);
     let us = run(n, &mut now_ms);
-    println!("{label:40} {us:8.2} µs/request");
+    let allocs = (ALLOCS.load(Relaxed) - a0) as f64 / f64::from(n);
+    println!("{label:40} {us:8.2} µs/request {allocs:6.1} allocations/request");
 }
 
 fn main() {

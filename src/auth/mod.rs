@@ -523,6 +523,16 @@ impl Authenticator {
         KeySetIds::new(&fps[..sets.len()])
     }
 
+    /// [`Self::key_set_ids`] of [`Self::key_sets`] without building the list (per request).
+    fn current_key_set_ids(&self, pi: usize, remote: &dyn RemoteKeys) -> Option<KeySetIds> {
+        let local = self.providers.get(pi)?.local.as_ref();
+        match (local, remote.keys(pi)) {
+            (Some(l), Some(r)) => KeySetIds::new(&[l.fingerprint(), r.fingerprint()]),
+            (Some(only), None) | (None, Some(only)) => KeySetIds::new(&[only.fingerprint()]),
+            (None, None) => KeySetIds::new(&[]),
+        }
+    }
+
     /// Picks the provider for a token among the route's (see [`Self::choose_provider`]).
     /// A token this worker verified before answers from [`WorkerTokenCache`] when the same
     /// provider and key sets would check it now and its time window holds; otherwise cheap
@@ -540,7 +550,7 @@ impl Authenticator {
             .ok_or(AuthError::MissingCredentials { bearer: true })?;
         let cached = self.worker_cache.get(token, now_s, |probe| {
             let pi = self.choose_provider(candidates, first, probe.iss);
-            let keys = Self::key_set_ids(&self.key_sets(pi, remote))?;
+            let keys = self.current_key_set_ids(pi, remote)?;
             Some(Expect { provider: pi, keys })
         });
         if let Some(identity) = cached {

@@ -29,8 +29,22 @@ struct ReadRequest {
     headers: Vec<(String, String)>,
     source: Option<String>,
     route_name: Option<String>,
-    method: String,
-    path: String,
+    /// Where `:method` and `:path` are in `headers` (not copied: this runs per request).
+    method_at: Option<usize>,
+    path_at: Option<usize>,
+}
+
+impl ReadRequest {
+    fn value(&self, at: Option<usize>) -> &str {
+        at.and_then(|i| self.headers.get(i))
+            .map_or("", |(_, v)| v.as_str())
+    }
+    fn method(&self) -> &str {
+        self.value(self.method_at)
+    }
+    fn path(&self) -> &str {
+        self.value(self.path_at)
+    }
 }
 
 impl Http {
@@ -57,21 +71,14 @@ impl Http {
         } else {
             None
         };
-        let find = |name: &str| {
-            headers
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.clone())
-                .unwrap_or_default()
-        };
-        let method = find(":method");
-        let path = find(":path");
+        let at = |name: &str| headers.iter().position(|(k, _)| k == name);
+        let (method_at, path_at) = (at(":method"), at(":path"));
         ReadRequest {
             headers,
             source,
             route_name,
-            method,
-            path,
+            method_at,
+            path_at,
         }
     }
 
@@ -113,8 +120,8 @@ impl Http {
         self.ex.jwks_fetched = true;
         let r = self.read_request();
         let req = Request {
-            method: &r.method,
-            path: &r.path,
+            method: r.method(),
+            path: r.path(),
             headers: &r.headers,
             source_address: r.source.as_deref(),
             route_name: r.route_name.as_deref(),
@@ -125,7 +132,7 @@ impl Http {
             store: &store,
         };
         let verdict = pipeline::run(&config, &req, &mut self.ex, &env);
-        self.act(verdict, &r.method, &r.path, paused)
+        self.act(verdict, r.method(), r.path(), paused)
     }
 
     fn property(&self, path: &[&str]) -> Option<String> {
@@ -199,22 +206,22 @@ impl Http {
                 // The request headers are still readable while the request is held.
                 let r = self.read_request();
                 let req = Request {
-                    method: &r.method,
-                    path: &r.path,
+                    method: r.method(),
+                    path: r.path(),
                     headers: &r.headers,
                     source_address: r.source.as_deref(),
                     route_name: r.route_name.as_deref(),
                 };
                 let config = Rc::clone(&self.config);
                 let verdict = pipeline::run(&config, &req, &mut self.ex, &env);
-                self.act(verdict, &r.method, &r.path, paused)
+                self.act(verdict, r.method(), r.path(), paused)
             }
         }
     }
 
     fn method_and_path(&self) -> (String, String) {
         let r = self.read_request();
-        (r.method, r.path)
+        (r.method().to_string(), r.path().to_string())
     }
 
     /// A body callback (or trailers, which end the body). While the pipeline waits for the
@@ -318,8 +325,8 @@ impl HttpContext for Http {
         self.body_ended = end_of_stream;
         let r = self.read_request();
         let req = Request {
-            method: &r.method,
-            path: &r.path,
+            method: r.method(),
+            path: r.path(),
             headers: &r.headers,
             source_address: r.source.as_deref(),
             route_name: r.route_name.as_deref(),
@@ -331,7 +338,7 @@ impl HttpContext for Http {
         };
         let config = Rc::clone(&self.config);
         let verdict = pipeline::on_request_headers(&config, &req, &mut self.ex, &env);
-        self.act(verdict, &r.method, &r.path, false)
+        self.act(verdict, r.method(), r.path(), false)
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
