@@ -11,6 +11,7 @@ all of them, and prints req/s per case and round plus the per-request cost over 
 Cases: plain (router only), noop (a wasm filter reading one header, --noop-wasm), empty (api-guard with `{}`), full (api-guard: RS256 JWT with the
 same token every request, one per-client rate limit, the default security headers),
 cold (as full, a distinct valid token per request: every request verifies a signature),
+coldhs (the same with HS256 tokens: cheap signatures, so the caches' own costs show),
 native (cors + jwt_authn RS256 with jwt_cache_config + local_ratelimit + header_mutation),
 native-nocache (the same without jwt_cache_config), jwt (full without the limit), rl (full
 without the JWT, the limit keyed by IP). A case suffixed '@b' runs the --wasm-b build.
@@ -18,6 +19,8 @@ Needs: Envoy in .tools (scripts/tools.sh envoy), wrk, python3 `cryptography`.
 """
 import argparse
 import base64
+import hashlib
+import hmac
 import json
 import os
 import shutil
@@ -56,15 +59,20 @@ class Keys:
         n = self.key.public_key().public_numbers()
         self.jwk = {"kty": "RSA", "kid": "bench", "alg": "RS256", "use": "sig",
                     "n": b64u(n.n.to_bytes(256, "big")), "e": b64u(n.e.to_bytes(3, "big"))}
+        self.secret = os.urandom(32)
+        self.hs_jwk = {"kty": "oct", "kid": "bench", "alg": "HS256", "k": b64u(self.secret)}
 
-    def mint(self, i):
+    def mint(self, i, alg="RS256"):
         now = int(time.time())
-        header = b64u(json.dumps({"alg": "RS256", "typ": "JWT", "kid": "bench"}).encode())
+        header = b64u(json.dumps({"alg": alg, "typ": "JWT", "kid": "bench"}).encode())
         payload = b64u(json.dumps({"iss": ISS, "aud": AUD, "sub": f"user-{i}", "iat": now,
                                    "exp": now + 7200, "scope": "read:orders write:orders",
                                    "jti": f"j{i}"}).encode())
         si = f"{header}.{payload}".encode()
-        sig = self.key.sign(si, padding.PKCS1v15(), hashes.SHA256())
+        if alg == "HS256":
+            sig = hmac.new(self.secret, si, hashlib.sha256).digest()
+        else:
+            sig = self.key.sign(si, padding.PKCS1v15(), hashes.SHA256())
         return f"{header}.{payload}.{b64u(sig)}"
 
 
@@ -79,10 +87,11 @@ def wasm_filter(wasm, cfg):
                                  "code": {"local": {"filename": wasm}}}}}}
 
 
-def ag_full(keys):
+def ag_full(keys, alg="RS256"):
     return {
-        "jwt_providers": {"main": {"issuer": ISS, "audiences": [AUD], "algorithms": ["RS256"],
-                                   "local_jwks": {"keys": [keys.jwk]}}},
+        "jwt_providers": {"main": {"issuer": ISS, "audiences": [AUD], "algorithms": [alg],
+                                   "local_jwks": {"keys": [keys.hs_jwk if alg == "HS256"
+                                                           else keys.jwk]}}},
         "rate_limits": {"per-client": {"key": ["client"], "capacity": 1000000000,
                                        "refill_tokens": 1000000000, "refill_period_s": 1}},
         "default_route": {"auth": {"mode": "required", "methods": ["jwt:main"]},
@@ -208,9 +217,6 @@ def probe(port, headers):
         return e.code, dict(e.headers)
 
 
-WARMUP_TOKENS = 5000
-
-
 def wrk(port, duration, headers, script=None, script_args=()):
     args = ["wrk", "-t1", "-c16", f"-d{duration}s", "--latency", "--timeout", "5s"]
     for k, v in headers.items():
@@ -254,14 +260,20 @@ def main():
     token = keys.mint(0)
     auth = {"authorization": f"Bearer {token}", "origin": ORIGIN}
     cases = args.cases.split(",")
-    script = None
-    if any(c.startswith("cold") for c in cases):
+    scripts = {}
+
+    def pool(alg):
+        """A wrk script sending a distinct valid token of `alg` per request."""
+        if alg in scripts:
+            return scripts[alg]
         t0 = time.time()
-        toks = [keys.mint(i + 1) for i in range(args.cold_tokens)]
-        tf = os.path.join(work, "tokens.txt")
+        # HMAC tokens verify ~50x faster, so a run needs many more of them.
+        n = args.cold_tokens * (5 if alg == "HS256" else 1)
+        toks = [keys.mint(i + 1, alg) for i in range(n)]
+        tf = os.path.join(work, f"tokens-{alg}.txt")
         with open(tf, "w") as f:
             f.write("\n".join(toks) + "\n")
-        script = os.path.join(work, "rotate.lua")
+        script = os.path.join(work, f"rotate-{alg}.lua")
         with open(script, "w") as f:
             f.write(f"""
 local toks = {{}}
@@ -278,7 +290,14 @@ request = function()
   return wrk.format("GET", "/api/orders", {{["authorization"] = "Bearer " .. toks[i], ["origin"] = "{ORIGIN}"}})
 end
 """)
-        print(f"minted {len(toks)} tokens in {time.time() - t0:.1f}s", file=sys.stderr)
+        print(f"minted {len(toks)} {alg} tokens in {time.time() - t0:.1f}s", file=sys.stderr)
+        scripts[alg] = (script, n)
+        return scripts[alg]
+
+    def script_of(case):
+        name = case.partition("@")[0]
+        return {"cold": lambda: pool("RS256"), "coldhs": lambda: pool("HS256")}.get(
+            name, lambda: (None, 0))()
 
     def config(case):
         name, _, variant = case.partition("@")
@@ -297,6 +316,8 @@ end
             return bootstrap([wasm_filter(wasm, {})])
         if name in ("full", "cold"):
             return bootstrap([wasm_filter(wasm, ag_full(keys))])
+        if name == "coldhs":
+            return bootstrap([wasm_filter(wasm, ag_full(keys, "HS256"))])
         if name == "jwt":
             cfg = ag_full(keys)
             del cfg["rate_limits"], cfg["default_route"]["rate_limits"]
@@ -319,20 +340,23 @@ end
             for case in cases:
                 env = Envoy(config(case), work)
                 try:
-                    st, hdrs = probe(env.port, auth)
+                    st, hdrs = probe(env.port, {"authorization": "Bearer " + keys.mint(0, "HS256"),
+                                                "origin": ORIGIN} if case.startswith("coldhs") else auth)
                     if st != 200:
                         raise RuntimeError(f"{case}: probe got {st} {hdrs}")
                     # A short warm-up so V8 has compiled the hot functions.
-                    cold = case.startswith("cold")
-                    wrk(env.port, 1, auth, script if cold else None,
-                        [str(args.cold_tokens - WARMUP_TOKENS)] if cold else ())
+                    script, n = script_of(case)
+                    cold = script is not None
+                    # Cold runs: the warm-up takes the pool's last quarter, the measured run
+                    # starts at its head; both must stay inside their part.
+                    fresh = n - n // 4
+                    warm = wrk(env.port, 1, auth, script, [str(fresh)] if cold else ())
                     c0 = cpu_s(env.proc.pid)
-                    rps, lat, non2xx, total = wrk(env.port, args.duration, auth,
-                                                  script if cold else None, ["0"] if cold else ())
-                    if cold and total > args.cold_tokens - WARMUP_TOKENS:
-                        print(f"  WARNING {case}: {total} requests but only "
-                              f"{args.cold_tokens - WARMUP_TOKENS} fresh tokens: raise --cold-tokens",
-                              file=sys.stderr)
+                    rps, lat, non2xx, total = wrk(env.port, args.duration, auth, script,
+                                                  ["0"] if cold else ())
+                    if cold and (total > fresh or warm[3] > n // 4):
+                        print(f"  WARNING {case}: {warm[3]} + {total} requests for a pool of {n} "
+                              f"tokens: some were seen before; raise --cold-tokens", file=sys.stderr)
                     cpu_us = (cpu_s(env.proc.pid) - c0) * 1e6 / max(total, 1)
                     if non2xx:
                         print(f"  WARNING {case}: {non2xx}", file=sys.stderr)

@@ -5,12 +5,11 @@
 //! In Envoy the same work runs in V8 (roughly 1.5-3x slower) plus the host calls; see
 //! `examples/hotpath_bench.py` for the in-Envoy figures.
 
-use api_guard::auth::mint::SigningKey;
 use api_guard::config;
 use api_guard::headers;
 use api_guard::pipeline::{self, Env, Exchange, Request, Verdict};
 use api_guard::store::MemoryStore;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -101,9 +100,24 @@ fn per_request(label: &str, cfg: &config::Config, headers: &[(String, String)], 
     println!("{label:40} {us:8.2} µs/request {allocs:6.1} allocations/request");
 }
 
-fn main() {
-    let key = SigningKey::generate("RS256", "bench").expect("key");
-    let mut claims = Map::new();
+/// A token and the JWK that verifies it: from the environment (the wasm build cannot mint),
+/// else minted here.
+fn token_and_jwk() -> (String, Value) {
+    if let (Ok(t), Ok(j)) = (std::env::var("HOTPATH_TOKEN"), std::env::var("HOTPATH_JWK")) {
+        return (t, serde_json::from_str(&j).expect("HOTPATH_JWK is a JWK"));
+    }
+    mint()
+}
+
+#[cfg(target_arch = "wasm32")]
+fn mint() -> (String, Value) {
+    panic!("set HOTPATH_TOKEN and HOTPATH_JWK (the native run prints them)")
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn mint() -> (String, Value) {
+    let key = api_guard::auth::mint::SigningKey::generate("RS256", "bench").expect("key");
+    let mut claims = serde_json::Map::new();
     for (k, v) in [
         ("iss", json!(ISS)),
         ("aud", json!(AUD)),
@@ -116,7 +130,13 @@ fn main() {
         claims.insert(k.to_string(), v);
     }
     let token = key.sign(&claims).expect("sign");
-    let jwk: Value = key.jwk();
+    let jwk = key.jwk();
+    println!("HOTPATH_TOKEN={token} HOTPATH_JWK='{jwk}'");
+    (token, jwk)
+}
+
+fn main() {
+    let (token, jwk) = token_and_jwk();
     let full = json!({
         "jwt_providers": {"main": {"issuer": ISS, "audiences": [AUD], "algorithms": ["RS256"],
                                    "local_jwks": {"keys": [jwk]}}},

@@ -250,6 +250,42 @@ impl WorkerTokenCache {
         }
     }
 
+    /// Frees room for an entry of `cost` bytes: expired entries first, then the least
+    /// recently used down to 7/8 of the bounds, so that a stream of new tokens (a busy API,
+    /// or a flood of distinct valid HS256 tokens, each cheap to verify) pays one O(n log n)
+    /// pass per n/8 inserts rather than a full scan on every insert.
+    fn make_room(&self, inner: &mut Inner, cost: usize, now_s: u64) {
+        let before = inner.map.len();
+        inner.map.retain(|_, e| e.validity.until_s > now_s);
+        if inner.map.len() != before {
+            inner.bytes = inner.map.values().map(|e| e.cost).sum();
+        }
+        let max_entries = self.max_entries - self.max_entries / 8;
+        let max_bytes = (self.max_bytes - self.max_bytes / 8).saturating_sub(cost);
+        if inner.map.len() < max_entries.max(1) && inner.bytes <= max_bytes {
+            return;
+        }
+        // Ages and sizes only (no key copies); `last_used` values are unique, so the cut-off
+        // age removes exactly the oldest entries.
+        let mut by_age: Vec<(u64, usize)> =
+            inner.map.values().map(|e| (e.last_used, e.cost)).collect();
+        by_age.sort_unstable();
+        let (mut len, mut bytes) = (inner.map.len(), inner.bytes);
+        let mut cut = None;
+        for (used, c) in by_age {
+            if len < max_entries.max(1) && bytes <= max_bytes {
+                break;
+            }
+            len -= 1;
+            bytes = bytes.saturating_sub(c);
+            cut = Some(used);
+        }
+        if let Some(cut) = cut {
+            inner.map.retain(|_, e| e.last_used > cut);
+            inner.bytes = inner.map.values().map(|e| e.cost).sum();
+        }
+    }
+
     /// Records the identity of a token just verified (signature checked here or by another
     /// worker through the shared cache). Entries that cannot be valid, or that exceed the
     /// byte budget on their own, are not stored.
@@ -279,24 +315,7 @@ impl WorkerTokenCache {
             inner.bytes = inner.bytes.saturating_sub(old.cost);
         }
         if inner.map.len() >= self.max_entries || inner.bytes + cost > self.max_bytes {
-            // Expired entries first (an O(n) sweep, on the miss path only, which costs a
-            // shared-data read or a signature anyway).
-            let before = inner.map.len();
-            inner.map.retain(|_, e| e.validity.until_s > now_s);
-            if inner.map.len() != before {
-                inner.bytes = inner.map.values().map(|e| e.cost).sum();
-            }
-        }
-        while inner.map.len() >= self.max_entries || inner.bytes + cost > self.max_bytes {
-            let lru = inner
-                .map
-                .iter()
-                .min_by_key(|(_, e)| e.last_used)
-                .map(|(k, _)| k.clone());
-            match lru.and_then(|k| inner.map.remove(&k)) {
-                Some(e) => inner.bytes = inner.bytes.saturating_sub(e.cost),
-                None => break,
-            }
+            self.make_room(inner, cost, now_s);
         }
         inner.clock += 1;
         let last_used = inner.clock;
@@ -463,6 +482,39 @@ mod tests {
         c.insert("new", entry(0, k, None, window(0, 2000), &id("n")), 200);
         assert!(c.get("live", 200, expect(0, k)).is_some());
         assert!(c.get("new", 200, expect(0, k)).is_some());
+    }
+
+    #[test]
+    fn eviction_frees_an_eighth_at_once_oldest_first() {
+        let c = WorkerTokenCache::new(64, MAX_BYTES);
+        let k = keys(&[&FP_A]);
+        let put = |t: &str| c.insert(t, entry(0, k, None, window(0, 2000), &id("u")), 100);
+        for i in 0..64 {
+            put(&format!("t{i}"));
+        }
+        // The first ten are used again: the least recently used are now t10, t11, ...
+        for i in 0..10 {
+            assert!(c.get(&format!("t{i}"), 100, expect(0, k)).is_some());
+        }
+        put("new-0");
+        assert_eq!(c.len(), 56, "down to 7/8 of the bound, then the new entry");
+        for i in 10..19 {
+            assert!(c.get(&format!("t{i}"), 100, expect(0, k)).is_none(), "t{i}");
+        }
+        for i in (0..10).chain(19..64) {
+            assert!(c.get(&format!("t{i}"), 100, expect(0, k)).is_some(), "t{i}");
+        }
+        // A long stream of new tokens never exceeds the bounds.
+        for i in 0..5000 {
+            put(&format!("stream-{i}"));
+            assert!(c.len() <= 64);
+        }
+        let inner = c.inner.borrow();
+        assert!(inner.bytes <= MAX_BYTES);
+        assert_eq!(
+            inner.bytes,
+            inner.map.values().map(|e| e.cost).sum::<usize>()
+        );
     }
 
     #[test]
