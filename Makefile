@@ -15,10 +15,10 @@ export ENVOY_BIN
 all: build
 
 tools:
-	@scripts/tools.sh wasm envoy redis
+	@scripts/tools.sh wasm clang envoy redis
 
 wasm:
-	@scripts/tools.sh wasm
+	@scripts/tools.sh wasm clang
 	@echo "==> building the filter ($(WASM))"
 	$(CARGO) build --release --target wasm32-wasip1 --lib
 

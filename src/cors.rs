@@ -1501,7 +1501,8 @@ mod tests {
                 "https://app.example.com".into()
             )));
             // Without a cors section the upstream's headers are its own business.
-            let ops = response_ops(&cfg("{}"), &upstream, &[], &[]);
+            let plain = cfg("{}");
+            let ops = response_ops(&plain, &upstream, &[], &[]);
             assert!(!ops.iter().any(|o| matches!(o, HeaderOp::Remove(_))));
         }
     }

@@ -6,16 +6,18 @@
 use crate::config::Config;
 use crate::pipeline::Answer;
 use crate::reply::LocalReply;
+use std::borrow::Cow;
 
-/// One change to make to the response header map.
+/// One change to make to the response header map. Borrowed from the config and the
+/// exchange: this runs on every response, and each copy is an allocation in the VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HeaderOp {
+pub enum HeaderOp<'a> {
     /// Add a header that is not present.
-    Add(String, String),
+    Add(Cow<'a, str>, Cow<'a, str>),
     /// Replace (or add) a header.
-    Set(String, String),
+    Set(Cow<'a, str>, Cow<'a, str>),
     /// Drop a header (every value of it).
-    Remove(String),
+    Remove(Cow<'a, str>),
 }
 
 fn find<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
@@ -36,20 +38,20 @@ pub fn list_contains(value: &str, token: &str) -> bool {
 ///
 /// `extra` are the request's own response headers (rate-limit, CORS, quota); they replace
 /// upstream values of the same name. `vary` lists tokens to merge into `vary`.
-pub fn response_ops(
-    cfg: &Config,
+pub fn response_ops<'a>(
+    cfg: &'a Config,
     existing: &[(String, String)],
-    extra: &[(String, String)],
+    extra: &'a [(String, String)],
     vary: &[&str],
-) -> Vec<HeaderOp> {
+) -> Vec<HeaderOp<'a>> {
     let mut ops = Vec::with_capacity(cfg.security_headers.len() + extra.len() + 1);
     for (name, value) in &cfg.security_headers {
         if find(existing, name).is_none() {
-            ops.push(HeaderOp::Add(name.clone(), value.clone()));
+            ops.push(HeaderOp::Add(name.into(), value.into()));
         }
     }
     for (name, value) in extra {
-        ops.push(HeaderOp::Set(name.clone(), value.clone()));
+        ops.push(HeaderOp::Set(name.into(), value.into()));
     }
     if cfg.cors.is_some() {
         // The filter's CORS policy is the only one: an upstream's own
@@ -61,7 +63,7 @@ pub fn response_ops(
                     .iter()
                     .any(|o| matches!(o, HeaderOp::Remove(k) if k == name))
             {
-                ops.push(HeaderOp::Remove(name.clone()));
+                ops.push(HeaderOp::Remove(Cow::Owned(name.clone())));
             }
         }
     }
@@ -93,7 +95,7 @@ pub fn response_ops(
                 }
                 v.push_str(t);
             }
-            ops.push(HeaderOp::Set("vary".into(), v));
+            ops.push(HeaderOp::Set("vary".into(), v.into()));
         }
     }
     ops

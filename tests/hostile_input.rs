@@ -2334,10 +2334,10 @@ fn response_of(cfg: &Config, run: &Run, t: &mut Tape) -> Result<(Headers, Header
                         prop_assert!(false, "response op {}: {:?}", k, v);
                     }
                     // Envoy's add appends; `response_ops` adds only what is absent.
-                    headers::HeaderOp::Add(k, v) => h.push((k, v)),
+                    headers::HeaderOp::Add(k, v) => h.push((k.into_owned(), v.into_owned())),
                     headers::HeaderOp::Set(k, v) => {
                         h.retain(|(n, _)| !n.eq_ignore_ascii_case(&k));
-                        h.push((k, v));
+                        h.push((k.into_owned(), v.into_owned()));
                     }
                     headers::HeaderOp::Remove(k) => h.retain(|(n, _)| !n.eq_ignore_ascii_case(&k)),
                 }

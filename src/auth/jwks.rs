@@ -11,7 +11,6 @@
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
-use rsa::traits::PublicKeyParts as _;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256, Sha384, Sha512};
 use std::fmt;
@@ -156,10 +155,19 @@ impl fmt::Debug for AlgSet {
 #[derive(Clone)]
 enum Material {
     Hmac(Vec<u8>),
-    Rsa(Box<rsa::RsaPublicKey>),
+    Rsa(Box<RsaKey>),
     P256(Box<p256::ecdsa::VerifyingKey>),
     P384(Box<p384::ecdsa::VerifyingKey>),
     Ed25519(ed25519_compact::PublicKey),
+}
+
+/// An RSA public key as `ring` takes it: big-endian modulus and exponent without leading
+/// zeros, checked at parse time against everything `ring` checks at verification time (so a
+/// key that loads is a key that verifies).
+#[derive(Clone)]
+struct RsaKey {
+    n: Vec<u8>,
+    e: Vec<u8>,
 }
 
 /// One verification key and the algorithms it may verify.
@@ -197,12 +205,7 @@ impl Key {
         }
         match (&self.material, alg) {
             (Material::Hmac(k), _) => hmac_verify(alg, k, signing_input, signature),
-            (Material::Rsa(k), Alg::RS256) => pkcs1_verify::<Sha256>(k, signing_input, signature),
-            (Material::Rsa(k), Alg::RS384) => pkcs1_verify::<Sha384>(k, signing_input, signature),
-            (Material::Rsa(k), Alg::RS512) => pkcs1_verify::<Sha512>(k, signing_input, signature),
-            (Material::Rsa(k), Alg::PS256) => pss_verify::<Sha256>(k, signing_input, signature),
-            (Material::Rsa(k), Alg::PS384) => pss_verify::<Sha384>(k, signing_input, signature),
-            (Material::Rsa(k), Alg::PS512) => pss_verify::<Sha512>(k, signing_input, signature),
+            (Material::Rsa(k), _) => rsa_verify(k, alg, signing_input, signature),
             (Material::P256(k), Alg::ES256) => {
                 use p256::ecdsa::signature::Verifier as _;
                 // `from_slice` takes exactly r||s (64 bytes) and rejects r or s of 0 or >= n:
@@ -251,23 +254,67 @@ fn hmac_verify(alg: Alg, key: &[u8], data: &[u8], tag: &[u8]) -> bool {
     }
 }
 
-fn pkcs1_verify<D>(key: &rsa::RsaPublicKey, data: &[u8], sig: &[u8]) -> bool
-where
-    D: Digest + sha2::digest::const_oid::AssociatedOid,
-{
-    let hashed = D::digest(data);
-    key.verify(rsa::Pkcs1v15Sign::new::<D>(), &hashed, sig)
-        .is_ok()
+/// RSASSA-PKCS1-v1_5 and RSASSA-PSS (salt length = hash length, RFC 7518 section 3.5) with
+/// `ring`: in wasm about 2x faster than the pure-Rust `rsa` crate (measured in Envoy: cold
+/// RS256 about 0.34 ms per request instead of 0.68 ms).
+/// `ring` also requires the signature to be exactly as long as the modulus.
+fn rsa_verify(key: &RsaKey, alg: Alg, data: &[u8], sig: &[u8]) -> bool {
+    use ring::signature as rs;
+    let params: &rs::RsaParameters = match alg {
+        Alg::RS256 => &rs::RSA_PKCS1_2048_8192_SHA256,
+        Alg::RS384 => &rs::RSA_PKCS1_2048_8192_SHA384,
+        Alg::RS512 => &rs::RSA_PKCS1_2048_8192_SHA512,
+        Alg::PS256 => &rs::RSA_PSS_2048_8192_SHA256,
+        Alg::PS384 => &rs::RSA_PSS_2048_8192_SHA384,
+        Alg::PS512 => &rs::RSA_PSS_2048_8192_SHA512,
+        _ => return false,
+    };
+    rs::RsaPublicKeyComponents {
+        n: key.n.as_slice(),
+        e: key.e.as_slice(),
+    }
+    .verify(params, data, sig)
+    .is_ok()
 }
 
-fn pss_verify<D>(key: &rsa::RsaPublicKey, data: &[u8], sig: &[u8]) -> bool
-where
-    D: 'static + Digest + sha2::digest::DynDigest + Send + Sync,
-{
-    let hashed = D::digest(data);
-    // JWA fixes the salt length to the hash length (RFC 7518 section 3.5).
-    let scheme = rsa::Pss::new_with_salt::<D>(<D as Digest>::output_size());
-    key.verify(scheme, &hashed, sig).is_ok()
+/// Smallest and largest public exponent `ring` verifies with.
+const RSA_MIN_EXPONENT: u64 = 3;
+const RSA_MAX_EXPONENT: u64 = (1 << 33) - 1;
+
+/// Validates an RSA public key (JWK `n`, `e`, big-endian) as `ring` will use it.
+fn rsa_key(n: &[u8], e: &[u8]) -> Result<RsaKey, String> {
+    let strip = |b: &[u8]| -> Vec<u8> {
+        let first = b.iter().position(|x| *x != 0).unwrap_or(b.len());
+        b[first..].to_vec()
+    };
+    let (n, e) = (strip(n), strip(e));
+    let bits = match n.first() {
+        Some(top) => (n.len() - 1) * 8 + (8 - top.leading_zeros() as usize),
+        None => 0,
+    };
+    if bits < MIN_RSA_BITS {
+        return Err(format!(
+            "RSA modulus is {bits} bits; at least {MIN_RSA_BITS} are required"
+        ));
+    }
+    if bits > MAX_RSA_BITS {
+        return Err(format!(
+            "RSA modulus is {bits} bits; at most {MAX_RSA_BITS} are supported"
+        ));
+    }
+    if n.last().is_some_and(|b| b & 1 == 0) {
+        return Err("not a valid RSA public key: the modulus is even".into());
+    }
+    if e.len() > 8 {
+        return Err("RSA exponent is too large".into());
+    }
+    let value = e.iter().fold(0u64, |v, b| (v << 8) | u64::from(*b));
+    if !(RSA_MIN_EXPONENT..=RSA_MAX_EXPONENT).contains(&value) || value & 1 == 0 {
+        return Err(format!(
+            "not a valid RSA public key: the exponent must be odd and between {RSA_MIN_EXPONENT} and 2^33-1"
+        ));
+    }
+    Ok(RsaKey { n, e })
 }
 
 /// Why a key set could not be used.
@@ -543,23 +590,7 @@ fn parse_key(v: &Value, allowed: AlgSet, source: &Source<'_>) -> Result<Key, Str
         "RSA" => {
             let n = b64_member(o, "n")?;
             let e = b64_member(o, "e")?;
-            let n = rsa::BigUint::from_bytes_be(&n);
-            let bits = n.bits();
-            if bits < MIN_RSA_BITS {
-                return Err(format!(
-                    "RSA modulus is {bits} bits; at least {MIN_RSA_BITS} are required"
-                ));
-            }
-            if e.len() > 8 {
-                return Err("RSA exponent is too large".into());
-            }
-            let key = rsa::RsaPublicKey::new_with_max_size(
-                n,
-                rsa::BigUint::from_bytes_be(&e),
-                MAX_RSA_BITS,
-            )
-            .map_err(|err| format!("not a valid RSA public key: {err}"))?;
-            debug_assert!(key.size() * 8 >= MIN_RSA_BITS);
+            let key = rsa_key(&n, &e)?;
             let possible = AlgSet::of(&[
                 Alg::RS256,
                 Alg::RS384,
@@ -754,6 +785,41 @@ mod tests {
         let n = URL_SAFE_NO_PAD.encode([0xffu8; 128]);
         let e = local(json!({"keys": [{"kty": "RSA", "n": n, "e": "AQAB"}]})).unwrap_err();
         assert!(e.message.contains("1024 bits"), "{e}");
+    }
+
+    #[test]
+    fn rsa_keys_are_checked_as_ring_will_use_them() {
+        use crate::auth::mint::SigningKey;
+        let key = SigningKey::generate("RS256", "k").unwrap();
+        let jwk = key.jwk();
+        let b64 = |s: &Value| URL_SAFE_NO_PAD.decode(s.as_str().unwrap()).unwrap();
+        let (n, e) = (b64(&jwk["n"]), b64(&jwk["e"]));
+        let with = |n: &[u8], e: &[u8]| {
+            local(json!({"keys": [{"kty": "RSA", "alg": "RS256",
+                "n": URL_SAFE_NO_PAD.encode(n), "e": URL_SAFE_NO_PAD.encode(e)}]}))
+        };
+        // Leading zero bytes (some IdPs publish them) are dropped, and the key still verifies.
+        let padded: Vec<u8> = [0u8, 0].iter().chain(&n).copied().collect();
+        let ks = with(&padded, &[0, 1, 0, 1]).unwrap().keys;
+        let mut claims = serde_json::Map::new();
+        claims.insert("sub".into(), "u".into());
+        let token = key.sign(&claims).unwrap();
+        let (si, sig) = token.rsplit_once('.').unwrap();
+        let sig = b64url_decode(sig).unwrap();
+        assert!(ks.keys()[0].verify(Alg::RS256, si.as_bytes(), &sig));
+        assert!(!ks.keys()[0].verify(Alg::RS256, b"other", &sig));
+        // Even, too small and too large exponents; an even modulus; an oversized modulus.
+        for bad_e in [&[2u8][..], &[1], &[0], &[], &[2, 0, 0, 0, 1]] {
+            let err = with(&n, bad_e).unwrap_err();
+            assert!(err.message.contains("exponent"), "{bad_e:?}: {err}");
+        }
+        let mut even = n.clone();
+        if let Some(last) = even.last_mut() {
+            *last &= 0xfe;
+        }
+        assert!(with(&even, &e).unwrap_err().message.contains("even"));
+        let huge = [0xffu8; 1025];
+        assert!(with(&huge, &e).unwrap_err().message.contains("8200 bits"));
     }
 
     #[test]

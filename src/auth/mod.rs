@@ -15,6 +15,7 @@ pub mod mint;
 pub mod remote_jwks;
 pub mod stage;
 pub mod token_cache;
+pub mod worker_cache;
 
 use crate::config::{AuthConfig, ConfigError, RawConfig, RemoteJwksConfig};
 use crate::identity::{AuthMethod, Identity, AUTHENTICATED_TIER};
@@ -24,6 +25,7 @@ use jwks::{Alg, AlgSet, KeySet, Source};
 use jwt::{JwtError, Rules};
 use std::fmt;
 use token_cache::{CacheKey, TokenCache};
+use worker_cache::{Expect, KeySetIds, Validity, Verified, WorkerTokenCache};
 
 /// One `jwt_providers` entry, compiled.
 #[derive(Debug, Clone)]
@@ -164,6 +166,8 @@ pub struct Authenticator {
     pub providers: Vec<Provider>,
     pub api_keys: Option<ApiKeys>,
     pub cache: TokenCache,
+    /// This worker's verified tokens, in front of `cache` (see `worker_cache`).
+    pub worker_cache: WorkerTokenCache,
     /// Claim names some rate-limit key uses (`claim:<name>`): copied into the identity.
     pub limit_claims: Vec<String>,
     /// This worker's parsed copies of the remote key sets.
@@ -370,6 +374,7 @@ impl Authenticator {
             providers,
             api_keys,
             cache: TokenCache::default(),
+            worker_cache: WorkerTokenCache::default(),
             limit_claims,
             remote: remote_jwks::RemoteCache::default(),
         })
@@ -480,9 +485,58 @@ impl Authenticator {
         }
     }
 
-    /// Picks the provider for a token among the route's: the first whose `issuer` equals the
-    /// token's (unverified) `iss`, else the first listed. Cheap checks, key selection, the
-    /// cache, then the signature.
+    /// The provider a token is checked by among the route's: the first whose `issuer` equals
+    /// the token's (unverified) `iss`, else the first listed.
+    fn choose_provider(&self, candidates: &[usize], first: usize, iss: Option<&str>) -> usize {
+        candidates
+            .iter()
+            .copied()
+            .find(|i| {
+                self.providers
+                    .get(*i)
+                    .and_then(|p| p.rules.issuer.as_deref())
+                    .is_some_and(|want| iss == Some(want))
+            })
+            .unwrap_or(first)
+    }
+
+    /// The key sets a provider verifies with: its local set, then its fetched remote set.
+    fn key_sets<'s>(&'s self, pi: usize, remote: &'s dyn RemoteKeys) -> Vec<&'s KeySet> {
+        let mut sets: Vec<&KeySet> = Vec::with_capacity(2);
+        if let Some(l) = self.providers.get(pi).and_then(|p| p.local.as_ref()) {
+            sets.push(l);
+        }
+        if let Some(r) = remote.keys(pi) {
+            sets.push(r);
+        }
+        sets
+    }
+
+    fn key_set_ids(sets: &[&KeySet]) -> Option<KeySetIds> {
+        let mut fps: [&[u8; 16]; 2] = [&[0; 16]; 2];
+        if sets.len() > fps.len() {
+            return None;
+        }
+        for (slot, s) in fps.iter_mut().zip(sets) {
+            *slot = s.fingerprint();
+        }
+        KeySetIds::new(&fps[..sets.len()])
+    }
+
+    /// [`Self::key_set_ids`] of [`Self::key_sets`] without building the list (per request).
+    fn current_key_set_ids(&self, pi: usize, remote: &dyn RemoteKeys) -> Option<KeySetIds> {
+        let local = self.providers.get(pi)?.local.as_ref();
+        match (local, remote.keys(pi)) {
+            (Some(l), Some(r)) => KeySetIds::new(&[l.fingerprint(), r.fingerprint()]),
+            (Some(only), None) | (None, Some(only)) => KeySetIds::new(&[only.fingerprint()]),
+            (None, None) => KeySetIds::new(&[]),
+        }
+    }
+
+    /// Picks the provider for a token among the route's (see [`Self::choose_provider`]).
+    /// A token this worker verified before answers from [`WorkerTokenCache`] when the same
+    /// provider and key sets would check it now and its time window holds; otherwise cheap
+    /// checks, key selection, the shared cache, then the signature.
     fn verify_jwt(
         &self,
         candidates: &[usize],
@@ -494,20 +548,20 @@ impl Authenticator {
         let first = *candidates
             .first()
             .ok_or(AuthError::MissingCredentials { bearer: true })?;
+        let cached = self.worker_cache.get(token, now_s, |probe| {
+            let pi = self.choose_provider(candidates, first, probe.iss);
+            let keys = self.current_key_set_ids(pi, remote)?;
+            Some(Expect { provider: pi, keys })
+        });
+        if let Some(identity) = cached {
+            return Ok(identity);
+        }
+
         let fail =
             |provider: usize| move |error: JwtError| AuthError::InvalidToken { provider, error };
         let pi = if candidates.len() > 1 {
             let iss = jwt::peek_issuer(token);
-            candidates
-                .iter()
-                .copied()
-                .find(|i| {
-                    self.providers
-                        .get(*i)
-                        .and_then(|p| p.rules.issuer.as_deref())
-                        .is_some_and(|want| iss.as_deref() == Some(want))
-                })
-                .unwrap_or(first)
+            self.choose_provider(candidates, first, iss.as_deref())
         } else {
             first
         };
@@ -535,13 +589,7 @@ impl Authenticator {
         let roles = claims::roles(&t.claims, p.roles_claim.as_deref()).map_err(fail(pi))?;
         let tier = claims::tier(&t.claims, p.tier_claim.as_deref()).map_err(fail(pi))?;
 
-        let mut sets: Vec<&KeySet> = Vec::with_capacity(2);
-        if let Some(l) = &p.local {
-            sets.push(l);
-        }
-        if let Some(r) = remote.keys(pi) {
-            sets.push(r);
-        }
+        let sets = self.key_sets(pi, remote);
         if sets.is_empty() {
             return Err(fail(pi)(JwtError::KeysUnavailable));
         }
@@ -555,15 +603,13 @@ impl Authenticator {
         })?;
         let fingerprints: Vec<&[u8; 16]> = sets.iter().map(|s| s.fingerprint()).collect();
         let key = CacheKey::new(&p.name, &fingerprints, token);
+        let validity = Validity::of(t.exp, t.nbf, t.iat, p.rules.clock_skew_s, now_s);
         if !self.cache.contains(store, &key, now_s) {
             jwt::verify_signature(&t, &sets).map_err(fail(pi))?;
-            let until = t
-                .exp
-                .map_or(u64::MAX, |e| e.saturating_add(p.rules.clock_skew_s));
-            self.cache.insert(store, &key, until, now_s);
+            self.cache.insert(store, &key, validity.until_s, now_s);
         }
 
-        Ok(Identity {
+        let identity = Identity {
             method: AuthMethod::Jwt(p.name.clone()),
             client: subject.clone(),
             subject,
@@ -573,7 +619,21 @@ impl Authenticator {
             forwarded: claims::forwarded(&t.claims, &p.forward_claims),
             claims: claims::named(&t.claims, &self.limit_claims),
             strip_authorization: !p.keep_authorization,
-        })
+        };
+        if let Some(keys) = Self::key_set_ids(&sets) {
+            self.worker_cache.insert(
+                token,
+                Verified {
+                    provider: pi,
+                    keys,
+                    iss: t.iss.as_deref(),
+                    validity,
+                    identity: &identity,
+                },
+                now_s,
+            );
+        }
+        Ok(identity)
     }
 }
 

@@ -234,6 +234,10 @@ impl Authenticator {
     /// The current remote sets, re-reading shared data when the last check is older than
     /// [`CHECK_MS`] (or `force`, after a fetch this request waited for).
     pub fn remote_keys(&self, store: &dyn SharedStore, now_ms: u64, force: bool) -> Loaded {
+        if !self.has_remote_jwks() {
+            // Local keys only (the common case): nothing to read, nothing to allocate.
+            return Loaded { sets: Vec::new() };
+        }
         let mut entries = self.remote.entries.borrow_mut();
         if entries.len() != self.providers.len() {
             entries.resize(self.providers.len(), Entry::default());

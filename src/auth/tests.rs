@@ -619,6 +619,216 @@ fn remote_keys_and_refetch_signals() {
     assert_eq!(e.wants_keys(), None);
 }
 
+/// Shared data that counts reads, to see which requests reach the shared cache.
+struct CountingStore {
+    inner: MemoryStore,
+    gets: std::cell::Cell<usize>,
+}
+
+impl CountingStore {
+    fn new() -> Self {
+        CountingStore {
+            inner: MemoryStore::new(),
+            gets: std::cell::Cell::new(0),
+        }
+    }
+}
+
+impl SharedStore for CountingStore {
+    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.gets.set(self.gets.get() + 1);
+        self.inner.get(key)
+    }
+    fn set(
+        &self,
+        key: &str,
+        value: &[u8],
+        cas: Option<u32>,
+    ) -> Result<(), crate::store::StoreError> {
+        self.inner.set(key, value, cas)
+    }
+}
+
+#[test]
+fn a_repeated_token_is_answered_by_the_worker_cache_with_the_same_identity() {
+    let f = fixture();
+    let s = CountingStore::new();
+    let r = route("required", &["jwt:main"]);
+    let token = f.es.sign(&main_claims(json!({}))).unwrap();
+    let h = bearer(&token);
+    let c = Credentials {
+        authorization: Some(&h),
+        ..Default::default()
+    };
+    let first = f
+        .auth
+        .authenticate(&r, &c, &NoRemoteKeys, NOW_MS, &s)
+        .unwrap();
+    assert_eq!(s.gets.get(), 1, "a miss reads the shared cache");
+    let second = f
+        .auth
+        .authenticate(&r, &c, &NoRemoteKeys, NOW_MS, &s)
+        .unwrap();
+    assert_eq!(second, first);
+    assert_eq!(s.gets.get(), 1, "a hit reads no shared data");
+    assert_eq!(f.auth.worker_cache.len(), 1);
+
+    // exp + skew (default 60) is honoured to the second, cached or not.
+    let at = |s_: u64| f.auth.authenticate(&r, &c, &NoRemoteKeys, s_ * 1000, &s);
+    assert_eq!(at(NOW_S + 659).unwrap(), first);
+    let e = at(NOW_S + 660).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            AuthError::InvalidToken {
+                error: JwtError::Expired,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    // A token not yet valid when first seen is not cached as valid, and is refused.
+    let early =
+        f.es.sign(&main_claims(json!({"nbf": NOW_S + 120})))
+            .unwrap();
+    let eh = bearer(&early);
+    let ec = Credentials {
+        authorization: Some(&eh),
+        ..Default::default()
+    };
+    for _ in 0..2 {
+        let e = f
+            .auth
+            .authenticate(&r, &ec, &NoRemoteKeys, NOW_MS, &s)
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                AuthError::InvalidToken {
+                    error: JwtError::NotYetValid,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+    }
+    // Once valid it verifies, and then a clock step back before nbf - skew refuses it again.
+    assert!(f
+        .auth
+        .authenticate(&r, &ec, &NoRemoteKeys, (NOW_S + 60) * 1000, &s)
+        .is_ok());
+    assert!(f
+        .auth
+        .authenticate(&r, &ec, &NoRemoteKeys, (NOW_S + 59) * 1000, &s)
+        .is_err());
+}
+
+#[test]
+fn the_worker_cache_never_lends_an_identity_to_another_provider_or_token() {
+    let f = fixture();
+    let s = MemoryStore::new();
+    let token = f.es.sign(&main_claims(json!({}))).unwrap();
+    let h = bearer(&token);
+    let c = Credentials {
+        authorization: Some(&h),
+        ..Default::default()
+    };
+    let main = route("required", &["jwt:main"]);
+    let id = run(&f, &main, c, &s).unwrap().unwrap();
+    // A route listing both providers picks "main" by issuer, as the full path does.
+    let both = route("required", &["jwt:partner", "jwt:main"]);
+    assert_eq!(run(&f, &both, c, &s).unwrap().unwrap(), id);
+    // A route that only takes "partner" checks the token as partner's: refused.
+    let e = run(&f, &route("required", &["jwt:partner"]), c, &s).unwrap_err();
+    assert!(
+        matches!(e, AuthError::InvalidToken { provider, .. } if f.auth.providers[provider].name == "partner"),
+        "{e:?}"
+    );
+    // A token differing only in its signature is a different token: verified, and refused.
+    let (head, sig) = token.rsplit_once('.').unwrap();
+    let mut altered: Vec<u8> = sig.bytes().collect();
+    altered[5] = if altered[5] == b'A' { b'B' } else { b'A' };
+    let forged = format!("{head}.{}", String::from_utf8(altered).unwrap());
+    let fh = bearer(&forged);
+    let e = run(
+        &f,
+        &main,
+        Credentials {
+            authorization: Some(&fh),
+            ..Default::default()
+        },
+        &s,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            AuthError::InvalidToken {
+                error: JwtError::BadSignature,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn a_rotated_remote_key_set_invalidates_worker_cache_entries() {
+    let es = SigningKey::generate("ES256", "r-1").unwrap();
+    let other = SigningKey::generate("ES256", "r-1").unwrap();
+    let raw: config::RawConfig = serde_json::from_value(json!({"jwt_providers": {"idp": {
+        "algorithms": ["ES256"],
+        "remote_jwks": {"cluster": "idp", "path": "/jwks.json"}}}}))
+    .unwrap();
+    let auth = Authenticator::compile(&raw, &no_env).unwrap();
+    let s = MemoryStore::new();
+    let r = route("required", &["jwt:idp"]);
+    let token = es
+        .sign(
+            &json!({"sub": "u", "exp": NOW_S + 60})
+                .as_object()
+                .cloned()
+                .unwrap(),
+        )
+        .unwrap();
+    let h = bearer(&token);
+    let c = Credentials {
+        authorization: Some(&h),
+        ..Default::default()
+    };
+    let set_of = |k: &SigningKey| {
+        jwks::parse(
+            &json!({"keys": [k.jwk()]}),
+            AlgSet::of(&[Alg::ES256]),
+            Source::Remote,
+        )
+        .unwrap()
+        .keys
+    };
+    assert!(auth
+        .authenticate(&r, &c, &Remote(Some(set_of(&es))), NOW_MS, &s)
+        .is_ok());
+    assert_eq!(auth.worker_cache.len(), 1);
+    // The IdP replaced the key under the same kid: the token no longer verifies.
+    let e = auth
+        .authenticate(&r, &c, &Remote(Some(set_of(&other))), NOW_MS, &s)
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            AuthError::InvalidToken {
+                error: JwtError::BadSignature,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    // And with no keys loaded at all, nothing is admitted from the cache either.
+    assert!(auth
+        .authenticate(&r, &c, &Remote(None), NOW_MS, &s)
+        .is_err());
+}
+
 fn compile_err(cfg: Value) -> config::ConfigError {
     let raw: config::RawConfig = serde_json::from_value(cfg).unwrap();
     Authenticator::compile(&raw, &no_env).unwrap_err()

@@ -36,8 +36,22 @@ struct ReadRequest {
     headers: Vec<(String, String)>,
     source: Option<String>,
     route_name: Option<String>,
-    method: String,
-    path: String,
+    /// Where `:method` and `:path` are in `headers` (not copied: this runs per request).
+    method_at: Option<usize>,
+    path_at: Option<usize>,
+}
+
+impl ReadRequest {
+    fn value(&self, at: Option<usize>) -> &str {
+        at.and_then(|i| self.headers.get(i))
+            .map_or("", |(_, v)| v.as_str())
+    }
+    fn method(&self) -> &str {
+        self.value(self.method_at)
+    }
+    fn path(&self) -> &str {
+        self.value(self.path_at)
+    }
 }
 
 impl Http {
@@ -66,32 +80,25 @@ impl Http {
         } else {
             None
         };
-        let find = |name: &str| {
-            headers
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.clone())
-                .unwrap_or_default()
-        };
-        let method = find(":method");
-        let path = find(":path");
+        let at = |name: &str| headers.iter().position(|(k, _)| k == name);
+        let (method_at, path_at) = (at(":method"), at(":path"));
         ReadRequest {
             headers,
             source,
             route_name,
-            method,
-            path,
+            method_at,
+            path_at,
         }
     }
 
-    /// Runs the pipeline again from the current stage (after a wait) and acts on it. The
-    /// request headers are still readable while the request is held.
-    /// `paused`: whether the request is already held (a callback returned `Pause`).
-    fn rerun(&mut self, paused: bool) -> Action {
+    /// Reads the request and runs the pipeline on it: from the start (`first`, request
+    /// headers) or again from the current stage after a wait (the request headers are still
+    /// readable while the request is held). `paused`: whether the request is already held.
+    fn drive(&mut self, first: bool, paused: bool) -> Action {
         let r = self.read_request();
         let req = Request {
-            method: &r.method,
-            path: &r.path,
+            method: r.method(),
+            path: r.path(),
             headers: &r.headers,
             source_address: r.source.as_deref(),
             route_name: r.route_name.as_deref(),
@@ -102,8 +109,16 @@ impl Http {
             store: &store,
         };
         let config = Rc::clone(&self.config);
-        let verdict = pipeline::run(&config, &req, &mut self.ex, &env);
-        self.act(verdict, &r.method, &r.path, paused)
+        let verdict = if first {
+            pipeline::on_request_headers(&config, &req, &mut self.ex, &env)
+        } else {
+            pipeline::run(&config, &req, &mut self.ex, &env)
+        };
+        self.act(verdict, r.method(), r.path(), paused)
+    }
+
+    fn rerun(&mut self, paused: bool) -> Action {
+        self.drive(false, paused)
     }
 
     /// Starts the quota callout, or fails at once when the breaker is open or the callout
@@ -206,21 +221,7 @@ impl Http {
             log::warn!("api-guard: JWKS fetch for provider #{provider} failed: {e}");
         }
         self.ex.jwks_fetched = true;
-        let r = self.read_request();
-        let req = Request {
-            method: &r.method,
-            path: &r.path,
-            headers: &r.headers,
-            source_address: r.source.as_deref(),
-            route_name: r.route_name.as_deref(),
-        };
-        let store = ProxyStore;
-        let env = Env {
-            now_ms: now,
-            store: &store,
-        };
-        let verdict = pipeline::run(&config, &req, &mut self.ex, &env);
-        self.act(verdict, &r.method, &r.path, paused)
+        self.rerun(paused)
     }
 
     fn property(&self, path: &[&str]) -> Option<String> {
@@ -310,26 +311,13 @@ impl Http {
                 let (method, path) = self.method_and_path();
                 self.act(Verdict::Reply(reply), &method, &path, paused)
             }
-            BodyVerdict::Continue => {
-                // The request headers are still readable while the request is held.
-                let r = self.read_request();
-                let req = Request {
-                    method: &r.method,
-                    path: &r.path,
-                    headers: &r.headers,
-                    source_address: r.source.as_deref(),
-                    route_name: r.route_name.as_deref(),
-                };
-                let config = Rc::clone(&self.config);
-                let verdict = pipeline::run(&config, &req, &mut self.ex, &env);
-                self.act(verdict, &r.method, &r.path, paused)
-            }
+            BodyVerdict::Continue => self.rerun(paused),
         }
     }
 
     fn method_and_path(&self) -> (String, String) {
         let r = self.read_request();
-        (r.method, r.path)
+        (r.method().to_string(), r.path().to_string())
     }
 
     /// A body callback (or trailers, which end the body). While the pipeline waits for the
@@ -435,22 +423,7 @@ impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         // A request without a body is complete now: a body check finishes immediately.
         self.body_ended = end_of_stream;
-        let r = self.read_request();
-        let req = Request {
-            method: &r.method,
-            path: &r.path,
-            headers: &r.headers,
-            source_address: r.source.as_deref(),
-            route_name: r.route_name.as_deref(),
-        };
-        let store = ProxyStore;
-        let env = Env {
-            now_ms: now_ms(),
-            store: &store,
-        };
-        let config = Rc::clone(&self.config);
-        let verdict = pipeline::on_request_headers(&config, &req, &mut self.ex, &env);
-        self.act(verdict, &r.method, &r.path, false)
+        self.drive(true, false)
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {

@@ -56,6 +56,19 @@ impl RateLimitHeaders {
         }
     }
 
+    /// (name, value) pairs in the order of [`Self::pairs`], the values moved out.
+    pub fn into_pairs(self) -> impl Iterator<Item = (&'static str, String)> {
+        [
+            ("ratelimit-policy", self.policy),
+            ("ratelimit", self.ratelimit),
+            ("x-ratelimit-limit", self.x_limit),
+            ("x-ratelimit-remaining", self.x_remaining),
+            ("x-ratelimit-reset", self.x_reset),
+        ]
+        .into_iter()
+        .chain(self.retry_after.map(|v| ("retry-after", v)))
+    }
+
     /// (name, value) pairs in a fixed order.
     pub fn pairs(&self) -> impl Iterator<Item = (&'static str, &str)> {
         [
@@ -96,6 +109,8 @@ mod tests {
         assert_eq!(h.ratelimit, "\"l\";r=0;t=1");
         assert_eq!(h.x_reset, "2");
         assert!(h.pairs().any(|(k, v)| k == "retry-after" && v == "1"));
+        let borrowed: Vec<(&str, String)> = h.pairs().map(|(k, v)| (k, v.to_string())).collect();
+        assert_eq!(h.into_pairs().collect::<Vec<_>>(), borrowed);
         let h = RateLimitHeaders::new("l", &st(5, 0), u64::MAX, None);
         assert_eq!(h.ratelimit, "\"l\";r=5;t=0");
     }

@@ -49,8 +49,9 @@ fn set_headers(cfg: &Config, ex: &mut Exchange, report: Option<Report>, now_ms: 
     };
     ex.response_headers
         .retain(|(k, _)| !HEADER_NAMES.contains(&k.as_str()));
-    for (k, v) in h.pairs() {
-        ex.response_headers.push((k.to_string(), v.to_string()));
+    ex.response_headers.reserve(HEADER_NAMES.len());
+    for (k, v) in h.into_pairs() {
+        ex.response_headers.push((k.to_string(), v));
     }
 }
 
