@@ -109,22 +109,7 @@ pub fn local_reply_headers(
     extra: &[(String, String)],
     vary: &[&str],
 ) -> Vec<(String, String)> {
-    let mut h: Vec<(String, String)> = Vec::with_capacity(8 + reply.headers.len() + extra.len());
-    h.push(("content-type".into(), "application/json".into()));
-    h.push(("cache-control".into(), "no-store".into()));
-    for (k, v) in &cfg.security_headers {
-        h.push((k.clone(), v.clone()));
-    }
-    for (k, v) in extra.iter().chain(reply.headers.iter()) {
-        match h.iter_mut().find(|(hk, _)| hk == k) {
-            Some(slot) => slot.1 = v.clone(),
-            None => h.push((k.clone(), v.clone())),
-        }
-    }
-    if !vary.is_empty() {
-        h.push(("vary".into(), vary.join(", ")));
-    }
-    h
+    local_headers(cfg, Some("application/json"), &reply.headers, extra, vary)
 }
 
 /// The headers of a local answer that is not a denial (CORS preflight 204): no body, so no
@@ -135,12 +120,28 @@ pub fn answer_headers(
     extra: &[(String, String)],
     vary: &[&str],
 ) -> Vec<(String, String)> {
-    let mut h: Vec<(String, String)> = Vec::with_capacity(7 + answer.headers.len() + extra.len());
+    local_headers(cfg, None, &answer.headers, extra, vary)
+}
+
+/// What every response the filter writes itself carries: `cache-control: no-store`, the
+/// security headers, the request's response headers and the reply's own (those win).
+fn local_headers(
+    cfg: &Config,
+    content_type: Option<&str>,
+    own: &[(String, String)],
+    extra: &[(String, String)],
+    vary: &[&str],
+) -> Vec<(String, String)> {
+    let mut h: Vec<(String, String)> =
+        Vec::with_capacity(8 + cfg.security_headers.len() + own.len() + extra.len());
+    if let Some(ct) = content_type {
+        h.push(("content-type".into(), ct.into()));
+    }
     h.push(("cache-control".into(), "no-store".into()));
     for (k, v) in &cfg.security_headers {
         h.push((k.clone(), v.clone()));
     }
-    for (k, v) in extra.iter().chain(answer.headers.iter()) {
+    for (k, v) in extra.iter().chain(own.iter()) {
         match h.iter_mut().find(|(hk, _)| hk == k) {
             Some(slot) => slot.1 = v.clone(),
             None => h.push((k.clone(), v.clone())),
