@@ -179,7 +179,8 @@ impl Exchange {
 pub fn on_request_headers(cfg: &Config, req: &Request, ex: &mut Exchange, env: &Env) -> Verdict {
     ex.client_ip = client_ip::resolve(
         cfg.client_ip.xff_trusted_hops,
-        cfg.client_ip.use_remote_address,
+        // Validation requires it whenever hops > 0; with 0 it is not read.
+        cfg.client_ip.use_remote_address.unwrap_or(false),
         req.header("x-forwarded-for"),
         req.source_address,
     )

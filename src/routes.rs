@@ -1,8 +1,15 @@
 //! Path normalization and route matching (SPEC section 2, `routes`).
 //!
 //! Matching runs on a normalized path so that `/api/./orders`, `/api//orders` and
-//! `/api/%6Frders` cannot dodge a policy written for `/api/orders`. Encodings that different
-//! upstreams disagree about (`%2F`, `%5C`, a raw `\`) are refused outright.
+//! `/api/%6Frders` cannot dodge a policy written for `/api/orders`. The filter forwards the
+//! raw path, so every path whose meaning differs between common backends is refused outright
+//! (400), never guessed at: the rule is "what we authorized is what any backend serves".
+//! Refused: `%2F`, `%5C` and a raw `\` (servers disagree on segment boundaries); `;` raw or
+//! as `%3B` (Tomcat, Jetty and Spring drop `;` path parameters, so `/public/..;/api` is
+//! `/api` to them); `%25` (a double-encoded path decodes a second time in some stacks);
+//! control characters raw or encoded (`%00`, `%09`: truncation and trimming); bytes that do
+//! not decode to valid UTF-8, overlong forms included (`%c0%ae` is `.` to lax decoders); and
+//! characters that Unicode normalization folds to `.`, `/` or `\` (fullwidth `．`, ...).
 
 use std::fmt;
 
@@ -15,6 +22,10 @@ pub enum PathError {
     BadPercentEncoding,
     ControlCharacter,
     AboveRoot,
+    Semicolon,
+    EncodedPercent,
+    InvalidUtf8,
+    Lookalike,
 }
 
 impl fmt::Display for PathError {
@@ -26,6 +37,14 @@ impl fmt::Display for PathError {
             PathError::BadPercentEncoding => "the path contains a malformed percent-encoding",
             PathError::ControlCharacter => "the path contains a control character",
             PathError::AboveRoot => "the path climbs above the root with '..'",
+            PathError::Semicolon => {
+                "the path contains ';' (or %3B): path parameters mean different paths to different backends"
+            }
+            PathError::EncodedPercent => "the path contains an encoded '%' (%25): double encoding",
+            PathError::InvalidUtf8 => "the path does not decode to valid UTF-8",
+            PathError::Lookalike => {
+                "the path contains a character that some backends fold to '.', '/' or '\\'"
+            }
         })
     }
 }
@@ -61,8 +80,9 @@ pub fn normalize(raw: &str) -> Result<std::borrow::Cow<'_, str>, PathError> {
     let mut simple = true;
     for (i, &b) in bytes.iter().enumerate() {
         match b {
-            b'%' => simple = false,
+            b'%' | 0x80.. => simple = false,
             b'\\' => return Err(PathError::Backslash),
+            b';' => return Err(PathError::Semicolon),
             0..=0x1f | 0x7f => return Err(PathError::ControlCharacter),
             b'/' if i > 0 && bytes[i - 1] == b'/' => simple = false,
             b'.' if bytes[i - 1] == b'/' => simple = false,
@@ -73,8 +93,11 @@ pub fn normalize(raw: &str) -> Result<std::borrow::Cow<'_, str>, PathError> {
         return Ok(std::borrow::Cow::Borrowed(path));
     }
 
-    // Decode unreserved characters first so `%2e%2e` is resolved as `..`.
+    // Decode unreserved characters first so `%2e%2e` is resolved as `..`. `full` is the path
+    // with everything decoded, kept only to check what non-ASCII bytes decode to.
     let mut decoded = Vec::with_capacity(bytes.len());
+    let mut full: Vec<u8> = Vec::new();
+    let mut non_ascii = false;
     let mut i = 0;
     while i < bytes.len() {
         let b = bytes[i];
@@ -87,9 +110,15 @@ pub fn normalize(raw: &str) -> Result<std::borrow::Cow<'_, str>, PathError> {
                 (Some(h), Some(l)) => (h << 4) | l,
                 _ => return Err(PathError::BadPercentEncoding),
             };
-            if v == b'/' || v == b'\\' {
-                return Err(PathError::EncodedSlash);
+            match v {
+                b'/' | b'\\' => return Err(PathError::EncodedSlash),
+                b'%' => return Err(PathError::EncodedPercent),
+                b';' => return Err(PathError::Semicolon),
+                0..=0x1f | 0x7f => return Err(PathError::ControlCharacter),
+                0x80.. => non_ascii = true,
+                _ => {}
             }
+            full.push(v);
             if is_unreserved(v) {
                 decoded.push(v);
             } else {
@@ -99,8 +128,21 @@ pub fn normalize(raw: &str) -> Result<std::borrow::Cow<'_, str>, PathError> {
             }
             i += 3;
         } else {
+            non_ascii |= b >= 0x80;
+            full.push(b);
             decoded.push(b);
             i += 1;
+        }
+    }
+    if non_ascii {
+        // Strict UTF-8 (std refuses overlong forms and surrogates), then look-alikes.
+        let text = std::str::from_utf8(&full).map_err(|_| PathError::InvalidUtf8)?;
+        // U+FFFD: the host boundary replaced raw bytes that were not UTF-8 (`utf8_headers`).
+        if text.contains('\u{FFFD}') {
+            return Err(PathError::InvalidUtf8);
+        }
+        if text.chars().any(is_lookalike) {
+            return Err(PathError::Lookalike);
         }
     }
 
@@ -126,6 +168,29 @@ pub fn normalize(raw: &str) -> Result<std::borrow::Cow<'_, str>, PathError> {
         out.push_str(std::str::from_utf8(s).map_err(|_| PathError::BadPercentEncoding)?);
     }
     Ok(std::borrow::Cow::Owned(out))
+}
+
+/// Characters that NFKC or a lax "best fit" mapping turns into `.`, `/` or `\\` (so into a
+/// dot segment or a segment boundary the filter never saw).
+fn is_lookalike(c: char) -> bool {
+    matches!(
+        c,
+        '\u{2024}' // one dot leader
+            | '\u{2025}' // two dot leader
+            | '\u{2026}' // horizontal ellipsis
+            | '\u{FE52}' // small full stop
+            | '\u{FF0E}' // fullwidth full stop
+            | '\u{3002}' // ideographic full stop
+            | '\u{FF61}' // halfwidth ideographic full stop
+            | '\u{2044}' // fraction slash
+            | '\u{2215}' // division slash
+            | '\u{29F8}' // big solidus
+            | '\u{FF0F}' // fullwidth solidus
+            | '\u{29F5}' // reverse solidus operator
+            | '\u{29F9}' // big reverse solidus
+            | '\u{FE68}' // small reverse solidus
+            | '\u{FF3C}' // fullwidth reverse solidus
+    )
 }
 
 /// How a route selects requests, compiled from `match`.
@@ -259,6 +324,42 @@ mod tests {
         assert_eq!(n("/a/.").unwrap(), "/a");
         assert_eq!(n("/a/b?../..").unwrap(), "/a/b");
         assert_eq!(n("/caf\u{e9}/%41").unwrap(), "/caf\u{e9}/A");
+    }
+
+    #[test]
+    fn paths_that_backends_read_differently_are_refused() {
+        use PathError::*;
+        // Each reached a protected `/api/orders` through a public `/public` prefix on a
+        // permissive backend (issue 14, item 7).
+        for (p, e) in [
+            ("/public/..;/api/orders", Semicolon),
+            ("/public/..;x=1/api/orders", Semicolon),
+            ("/public/%2e%2e;/api/orders", Semicolon),
+            ("/public/..%3b/api/orders", Semicolon),
+            ("/public/..%3B/api/orders", Semicolon),
+            ("/api/orders;jsessionid=1", Semicolon),
+            ("/public/%252e%252e/api/orders", EncodedPercent),
+            ("/public/..%252f/api/orders", EncodedPercent),
+            ("/public/%c0%ae%c0%ae/api/orders", InvalidUtf8),
+            ("/public/%e0%80%ae/api", InvalidUtf8),
+            ("/public/%ff/api", InvalidUtf8),
+            ("/public/\u{FFFD}/api", InvalidUtf8),
+            ("/public/%ef%bc%8e%ef%bc%8e/api/orders", Lookalike),
+            ("/public/\u{FF0E}\u{FF0E}/api/orders", Lookalike),
+            ("/public/\u{2025}/api/orders", Lookalike),
+            ("/public/..%ef%bc%8f/api/orders", Lookalike),
+            ("/public/x/..%00/api", ControlCharacter),
+            ("/public/%09../api/orders", ControlCharacter),
+            ("/public/%7f", ControlCharacter),
+            ("/public/%0d%0a", ControlCharacter),
+        ] {
+            assert_eq!(n(p).unwrap_err(), e, "{p}");
+        }
+        // Legitimate non-ASCII and encoded reserved characters still pass.
+        assert_eq!(n("/caf%C3%A9").unwrap(), "/caf%C3%A9");
+        assert_eq!(n("/a%20b/%3F").unwrap(), "/a%20b/%3F");
+        // `;` in the query is not part of the path.
+        assert_eq!(n("/a?x=1;y=2").unwrap(), "/a");
     }
 
     #[test]

@@ -653,3 +653,53 @@ fn cli_token_mints_what_the_filter_accepts() {
         assert_eq!(r.upstream_header("x-auth-tier").as_deref(), Some("gold"));
     }
 }
+
+/// Issue 14, item 4: after one worker fetched a rotated-in key, the other worker serves a
+/// token signed with it at once (inside its re-read interval) and after the IdP went down.
+/// Each worker is driven explicitly: two held connections with exact balancing, one each.
+#[test]
+fn a_rotated_key_fetched_by_one_worker_serves_on_every_worker_through_an_outage() {
+    let k1 = SigningKey::generate("ES256", "k1").unwrap();
+    let k2 = SigningKey::generate("ES256", "k2").unwrap();
+    let server = JwksServer::start(json!({"keys": [k1.jwk()]}));
+    let envoy = Envoy::builder(&remote_config(600, 2000))
+        .cluster("idp", server.port)
+        .exact_balance()
+        .start();
+    let (t1, t2) = (
+        k1.sign(&claims(json!({}))).unwrap(),
+        k2.sign(&claims(json!({}))).unwrap(),
+    );
+    assert_eq!(get(&envoy, "/x", &t1).status, 200, "first fetch");
+    let mut conns = [Conn::open(envoy.port), Conn::open(envoy.port)];
+    let send = |c: &mut Conn, t: &str| {
+        envoy
+            .req("GET", "/x")
+            .header("authorization", &format!("Bearer {t}"))
+            .send_on(c)
+    };
+    // Both workers serve k1 now (each loads the shared set and notes when it looked).
+    for c in conns.iter_mut() {
+        assert_eq!(send(c, &t1).status, 200);
+    }
+    assert_eq!(
+        envoy.active_connections_per_worker(),
+        [1, 1],
+        "one held connection per worker"
+    );
+    // The IdP rotates k2 in; worker 0 meets it first and fetches.
+    server.set(json!({"keys": [k1.jwk(), k2.jwk()]}));
+    let r = send(&mut conns[0], &t2);
+    assert_eq!(r.status, 200, "worker 0 fetches k2: {}", r.text());
+    // The IdP goes down; worker 1 must use the set worker 0 fetched.
+    server.mode(Mode::Down);
+    let r = send(&mut conns[1], &t2);
+    assert_eq!(r.status, 200, "worker 1, right after: {}", r.text());
+    // And later, on both workers, with the IdP still down.
+    std::thread::sleep(Duration::from_millis(1500));
+    for c in conns.iter_mut() {
+        for t in [&t1, &t2] {
+            assert_eq!(send(c, t).status, 200, "last good set during the outage");
+        }
+    }
+}

@@ -216,7 +216,9 @@ fn env_secrets_come_from_the_vm_environment() {
 
 #[test]
 fn xff_trusted_hops_picks_the_client_ip_and_ignores_spoofed_entries() {
-    let envoy = Envoy::start(r#"{"client_ip":{"xff_trusted_hops":1},"default_route":{}}"#);
+    let envoy = Envoy::start(
+        r#"{"client_ip":{"xff_trusted_hops":1,"use_remote_address":true},"default_route":{}}"#,
+    );
     // Spoofed left-hand entry, real client added by the one trusted proxy; Envoy appends its
     // own entry (use_remote_address: true), which the filter skips.
     envoy

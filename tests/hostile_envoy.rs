@@ -154,7 +154,7 @@ fn an_oversized_jwks_response_is_refused_unread_and_the_filter_recovers() {
 fn a_huge_xff_trusted_hops_costs_nothing_per_request() {
     // Used to walk `xff_trusted_hops` times per request whatever the header held.
     let cfg = json!({
-        "client_ip": {"xff_trusted_hops": u32::MAX},
+        "client_ip": {"xff_trusted_hops": u32::MAX, "use_remote_address": true},
         "rate_limits": {"ip": {"key": ["ip"], "capacity": 1000, "refill_tokens": 1000,
                                "refill_period_s": 1}},
         "default_route": {"rate_limits": ["ip"]}

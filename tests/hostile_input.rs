@@ -231,7 +231,7 @@ fn world_doc(es: &SigningKey, ed: &ed25519_compact::KeyPair) -> Value {
     let bucket =
         |c: u64, r: u64, p: u64| json!({"capacity": c, "refill_tokens": r, "refill_period_s": p});
     json!({
-        "client_ip": {"xff_trusted_hops": 1},
+        "client_ip": {"xff_trusted_hops": 1, "use_remote_address": true},
         "api_keys": {"header": "x-api-key", "keys": [
             {"id": "demo-pro", "sha256": sha_hex(API_KEYS[0].0), "tier": "pro",
              "scopes": ["read:orders", "write:orders"]},

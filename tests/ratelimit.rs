@@ -111,7 +111,7 @@ fn counts_and_headers_down_to_429() {
 #[test]
 fn per_ip_uses_the_trusted_xff_hop_and_ignores_spoofed_left_entries() {
     let cfg = r#"{
-      "client_ip": { "xff_trusted_hops": 1 },
+      "client_ip": { "xff_trusted_hops": 1, "use_remote_address": true },
       "rate_limits": { "per-ip": { "key": ["ip"], "capacity": 2, "refill_tokens": 1, "refill_period_s": 600 } },
       "default_route": { "auth": { "mode": "none" }, "rate_limits": ["per-ip"] }
     }"#;
@@ -139,7 +139,7 @@ fn per_ip_uses_the_trusted_xff_hop_and_ignores_spoofed_left_entries() {
 #[test]
 fn a_request_denied_by_one_limit_consumes_nothing_from_the_other() {
     let cfg = r#"{
-      "client_ip": { "xff_trusted_hops": 1 },
+      "client_ip": { "xff_trusted_hops": 1, "use_remote_address": true },
       "rate_limits": {
         "wide": { "key": ["route"], "capacity": 4, "refill_tokens": 1, "refill_period_s": 600 },
         "narrow": { "key": ["ip"], "capacity": 1, "refill_tokens": 1, "refill_period_s": 600 }
@@ -373,7 +373,7 @@ fn thousands_of_concurrent_requests_never_overshoot_the_capacity() {
 #[test]
 fn with_when_full_deny_a_client_without_a_free_slot_waits() {
     let cfg = r#"{
-      "client_ip": { "xff_trusted_hops": 1 },
+      "client_ip": { "xff_trusted_hops": 1, "use_remote_address": true },
       "rate_limit_table": { "slots": 8, "when_full": "deny" },
       "rate_limits": { "l": { "key": ["ip"], "capacity": 5, "refill_tokens": 5, "refill_period_s": 600 } },
       "default_route": { "rate_limits": ["l"] }
@@ -454,7 +454,7 @@ impl KeepAlive {
 #[test]
 fn shared_data_stays_at_the_cap_under_100k_distinct_client_ips() {
     let cfg = r#"{
-      "client_ip": { "xff_trusted_hops": 1 },
+      "client_ip": { "xff_trusted_hops": 1, "use_remote_address": true },
       "rate_limit_table": { "slots": 16384 },
       "rate_limits": { "per-ip": { "key": ["ip"], "capacity": 5, "refill_tokens": 5, "refill_period_s": 60 } },
       "default_route": { "rate_limits": ["per-ip"] }

@@ -147,6 +147,7 @@ mod tests {
                     scopes: vec!["read:orders".into()],
                 })
                 .collect(),
+            forward: false,
         }
     }
 

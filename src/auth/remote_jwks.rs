@@ -274,6 +274,15 @@ impl Authenticator {
         Loaded { sets }
     }
 
+    /// The generation of this worker's copy of a provider's remote set (0: none loaded).
+    pub fn remote_generation(&self, provider: usize) -> u64 {
+        self.remote
+            .entries
+            .borrow()
+            .get(provider)
+            .map_or(0, |e| e.generation)
+    }
+
     /// After a refusal that wants keys: whether this request should fetch and wait. Unknown
     /// `kid` with a set loaded: only if it wins the shared, rate-limited refetch. No set yet:
     /// if this worker has fewer than [`MAX_WAITER_FETCHES`] such fetches in flight.

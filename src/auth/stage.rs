@@ -71,7 +71,21 @@ pub fn credentials(cfg: &Config, req: &Request, ex: &mut Exchange, env: &Env) ->
         query: req.path.split_once('?').map(|(_, q)| q),
     };
     let remote = a.remote_keys(env.store, env.now_ms, ex.jwks_fetched);
-    match a.authenticate(auth, &creds, &remote, env.now_ms, env.store) {
+    let mut outcome = a.authenticate(auth, &creds, &remote, env.now_ms, env.store);
+    if let Err(e) = &outcome {
+        // This worker re-reads the shared set at most every CHECK_MS, so another worker may
+        // have fetched a rotated key since: look now, before refusing or asking for a fetch
+        // (the refetch is rate-limited across workers, so asking could be refused, and with
+        // the IdP down it would fail, while the set in shared data already has the key).
+        if let Some(provider) = e.wants_keys().filter(|_| !ex.jwks_fetched) {
+            let before = a.remote_generation(provider);
+            let fresh = a.remote_keys(env.store, env.now_ms, true);
+            if a.remote_generation(provider) != before {
+                outcome = a.authenticate(auth, &creds, &fresh, env.now_ms, env.store);
+            }
+        }
+    }
+    match outcome {
         Ok(id) => {
             ex.identity = id;
             Step::Next

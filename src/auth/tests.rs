@@ -931,3 +931,79 @@ fn measure_verify_cost() {
         println!("{alg}: cold verify {cold:.1} us, cached authenticate {cached:.1} us");
     }
 }
+
+/// Issue 14, item 4: a key that one worker fetched is the set every worker uses from then
+/// on, even inside the other worker's re-read interval and with the IdP gone.
+#[test]
+fn a_rotated_key_fetched_by_one_worker_is_seen_by_the_other_at_once() {
+    use crate::pipeline::{on_request_headers, run, Env, Exchange, Request, Verdict, Wait};
+    let k1 = SigningKey::generate("ES256", "k-1").unwrap();
+    let k2 = SigningKey::generate("ES256", "k-2").unwrap();
+    let doc = json!({
+        "jwt_providers": {"idp": {"algorithms": ["ES256"],
+            "remote_jwks": {"cluster": "idp", "path": "/jwks.json", "refresh_s": 600}}},
+        "default_route": {"auth": {"mode": "required", "methods": ["jwt:idp"]}}
+    })
+    .to_string();
+    // Two workers: two parsed configs (each with its own per-worker caches), one store.
+    let a = config::parse(doc.as_bytes(), &no_env).unwrap().0;
+    let b = config::parse(doc.as_bytes(), &no_env).unwrap().0;
+    let store = MemoryStore::new();
+    remote_jwks::prepare(&a.auth, &store);
+    let prefix = a.auth.providers[0].remote_prefix.clone().unwrap();
+    let set = |keys: &[&SigningKey]| {
+        json!({"keys": keys.iter().map(|k| k.jwk()).collect::<Vec<_>>()}).to_string()
+    };
+    let algs = AlgSet::of(&[Alg::ES256]);
+    remote_jwks::store_result(&store, &prefix, algs, Some(set(&[&k1]).as_bytes()), NOW_MS)
+        .unwrap();
+    let token = |k: &SigningKey| {
+        let claims = json!({"sub": "u", "exp": NOW_S + 600});
+        bearer(&k.sign(claims.as_object().unwrap()).unwrap())
+    };
+    let send = |cfg: &config::Config, auth: &str, now_ms: u64, ex: &mut Exchange| {
+        let headers = vec![("authorization".to_string(), auth.to_string())];
+        let req = Request {
+            method: "GET",
+            path: "/x",
+            headers: &headers,
+            source_address: Some("10.0.0.1:1"),
+            route_name: None,
+        };
+        let env = Env {
+            now_ms,
+            store: &store,
+        };
+        if ex.jwks_fetched {
+            run(cfg, &req, ex, &env)
+        } else {
+            on_request_headers(cfg, &req, ex, &env)
+        }
+    };
+    // Worker B serves k-1: it now holds generation 1, checked just now.
+    let v = send(&b, &token(&k1), NOW_MS, &mut Exchange::default());
+    assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+    // The IdP rotates in k-2; worker A sees a k-2 token, fetches (it wins the refetch).
+    let mut ex = Exchange::default();
+    let v = send(&a, &token(&k2), NOW_MS + 100, &mut ex);
+    assert!(matches!(v, Verdict::Wait(Wait::Jwks { .. })), "{v:?}");
+    remote_jwks::store_result(
+        &store,
+        &prefix,
+        algs,
+        Some(set(&[&k1, &k2]).as_bytes()),
+        NOW_MS + 150,
+    )
+    .unwrap();
+    ex.jwks_fetched = true;
+    let v = send(&a, &token(&k2), NOW_MS + 150, &mut ex);
+    assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+    // The IdP is gone now. Worker B, inside its re-read interval, gets a k-2 token: it must
+    // use the set A fetched, not refuse (the refetch is rate-limited and would fail anyway).
+    let v = send(&b, &token(&k2), NOW_MS + 200, &mut Exchange::default());
+    assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+    // An unknown kid still asks nothing more of shared data than one re-read.
+    let k3 = SigningKey::generate("ES256", "k-3").unwrap();
+    let v = send(&b, &token(&k3), NOW_MS + 300, &mut Exchange::default());
+    assert!(matches!(v, Verdict::Reply(_)), "{v:?}");
+}

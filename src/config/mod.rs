@@ -87,7 +87,8 @@ pub struct Config {
     pub security_headers: Vec<(String, String)>,
     /// Whether any route matches on the Envoy route name (saves a host call when none does).
     pub needs_route_name: bool,
-    /// Every header name the filter strips from client requests (identity + forwarded claims).
+    /// Every header name the filter strips from client requests: identity and forwarded-claim
+    /// headers, the API key header unless `api_keys.forward`, method-override headers.
     pub stripped_request_headers: Vec<String>,
     /// The compiled `cors` section; `None` when CORS is off.
     pub cors: Option<crate::cors::CorsPolicy>,
@@ -155,6 +156,72 @@ fn check_header_name(path: &str, name: &str) -> Result<(), ConfigError> {
             format!("'{name}' is not a valid lower-case HTTP header name"),
         ))
     }
+}
+
+/// Refuses a scope or role rule that no credential the route accepts can ever satisfy: the
+/// route would answer 403 to every request, and a config that looks protective but only
+/// denies is a trap (an operator "fixes" it by loosening something else).
+fn check_satisfiable(raw: &RawConfig, ap: &str, a: &AuthConfig) -> Result<(), ConfigError> {
+    fn jwt<'a>(raw: &'a RawConfig, m: &'a str) -> Option<(&'a str, &'a JwtProviderConfig)> {
+        m.strip_prefix("jwt:")
+            .and_then(|p| raw.jwt_providers.get(p).map(|c| (p, c)))
+    }
+    if !a.roles_any.is_empty() {
+        // Only JWTs carry roles (API keys have scopes and a tier, no roles).
+        let carriers = a
+            .methods
+            .iter()
+            .filter_map(|m| jwt(raw, m))
+            .filter(|(_, c)| c.roles_claim.is_some())
+            .count();
+        if carriers == 0 {
+            let hint = match a.methods.iter().find_map(|m| jwt(raw, m)) {
+                Some((p, _)) => format!(
+                    "set jwt_providers.{p}.roles_claim (e.g. \"roles\") to the claim that holds them"
+                ),
+                None => "accept a JWT provider that sets roles_claim (API keys carry no roles)"
+                    .to_string(),
+            };
+            return Err(ConfigError::new(
+                format!("{ap}.roles_any"),
+                format!(
+                    "no credential this route accepts can carry roles, so every request would get \
+                     403: {hint}"
+                ),
+            ));
+        }
+    }
+    let wanted: Vec<&String> = a.scopes_all.iter().chain(&a.scopes_any).collect();
+    if !wanted.is_empty() {
+        let jwt_carries = a
+            .methods
+            .iter()
+            .filter_map(|m| jwt(raw, m))
+            .any(|(_, c)| !c.scope_claims.is_empty());
+        // An API key passes only if some configured key holds the scopes the rule needs.
+        let key_carries = a.methods.iter().any(|m| m == "api_key")
+            && raw.api_keys.as_ref().is_some_and(|k| {
+                k.keys.iter().any(|key| {
+                    a.scopes_all.iter().all(|s| key.scopes.contains(s))
+                        && (a.scopes_any.is_empty()
+                            || a.scopes_any.iter().any(|s| key.scopes.contains(s)))
+                })
+            });
+        if !jwt_carries && !key_carries {
+            let field = if a.scopes_all.is_empty() {
+                "scopes_any"
+            } else {
+                "scopes_all"
+            };
+            return Err(ConfigError::new(
+                format!("{ap}.{field}"),
+                "no credential this route accepts can satisfy it, so every request would get \
+                 403: accept a JWT provider whose scope_claims is not empty, or give an API key \
+                 the scopes",
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn compile_policy(
@@ -231,6 +298,7 @@ fn compile_policy(
                 }
             }
         }
+        check_satisfiable(raw, &ap, a)?;
         if a.mode == "none"
             && !(a.scopes_all.is_empty() && a.scopes_any.is_empty() && a.roles_any.is_empty())
         {
@@ -340,6 +408,14 @@ fn compile_matcher(path: &str, m: &MatchConfig) -> Result<Matcher, ConfigError> 
     })
 }
 
+/// Method-override headers (Rails, Express method-override, Spring, ASP.NET, Google APIs):
+/// always removed from the upstream request, since authorization ran on `:method`.
+pub const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
+    "x-http-method-override",
+    "x-method-override",
+    "x-http-method",
+];
+
 /// Validates a parsed config and compiles it.
 pub fn compile(raw: RawConfig, env: EnvLookup<'_>) -> Result<(Config, Vec<Warning>), ConfigError> {
     let mut warnings = Vec::new();
@@ -371,10 +447,36 @@ pub fn compile(raw: RawConfig, env: EnvLookup<'_>) -> Result<(Config, Vec<Warnin
         }
     }
 
+    let cip = &raw.client_ip;
+    if cip.xff_trusted_hops > 0 && cip.use_remote_address.is_none() {
+        // A guess here is a bypass either way: the filter cannot see the connection manager.
+        return Err(ConfigError::new(
+            "client_ip.use_remote_address",
+            format!(
+                "must be set when xff_trusted_hops is {} (> 0): true if the connection manager \
+                 sets use_remote_address: true (Envoy then appends the peer to x-forwarded-for \
+                 and the filter skips that entry), false if it keeps Envoy's default (false). \
+                 A wrong value keys per-IP limits on an address the client wrote. Simplest safe \
+                 setup: let Envoy resolve the client (use_remote_address: true and \
+                 xff_num_trusted_hops: {} on the connection manager) and keep \
+                 client_ip.xff_trusted_hops at 0",
+                cip.xff_trusted_hops, cip.xff_trusted_hops
+            ),
+        ));
+    }
+
     if let Some(k) = &raw.api_keys {
         // Envoy hands the filter lower-case names: an upper-case or malformed name here
         // would silently never match, failing every API-key request as "missing".
         check_header_name("api_keys.header", &k.header)?;
+        if !k.forward && !stripped.contains(&k.header) {
+            stripped.push(k.header.clone());
+        }
+    }
+    // A backend framework that honours these runs a method the filter never authorized
+    // (a DELETE authorized as a GET): they never reach the upstream.
+    for h in METHOD_OVERRIDE_HEADERS {
+        stripped.push(h.to_string());
     }
 
     let mut security_headers: Vec<(String, String)> = DEFAULT_SECURITY_HEADERS
@@ -542,6 +644,17 @@ mod tests {
         assert!(e.message.contains("scope_all"), "{e}");
         let e = err(r#"{"cors_typo": {}}"#);
         assert!(e.message.contains("cors_typo"), "{e}");
+        // Issue 14, item 1: with trusted hops the filter must be told whether Envoy
+        // appended an entry; a guess lets a client choose its own address.
+        let e = err(r#"{"client_ip":{"xff_trusted_hops":1}}"#);
+        assert_eq!(e.path, "client_ip.use_remote_address");
+        assert!(e.message.contains("xff_num_trusted_hops"), "{e}");
+        for ura in ["true", "false"] {
+            let doc =
+                format!(r#"{{"client_ip":{{"xff_trusted_hops":2,"use_remote_address":{ura}}}}}"#);
+            assert!(parse(doc.as_bytes(), &no_env).is_ok());
+        }
+        assert!(parse(br#"{"client_ip":{"xff_trusted_hops":0}}"#, &no_env).is_ok());
         let e = err(r#"{"client_ip":{"xff_trusted_hops":-1}}"#);
         assert_eq!(e.path, "client_ip.xff_trusted_hops");
     }
@@ -615,12 +728,52 @@ mod tests {
         ] {
             assert_eq!(err(&route(auth)).path, path, "{auth}");
         }
+        // A rule some accepted credential can satisfy is fine.
+        let satisfiable = |auth: &str, roles_claim: &str, scope_claims: &str| {
+            format!(
+                r#"{{"api_keys":{{"keys":[{{"id":"k","sha256":"{}","scopes":["read:orders"]}}]}},
+                    "jwt_providers":{{"main":{{"algorithms":["HS256"],
+                        "local_jwks":{{"keys":[{{"kty":"oct","alg":"HS256","k":"{}"}}]}}
+                        {roles_claim} {scope_claims}}}}},
+                    "routes":[{{"name":"a","match":{{"path":"/a"}},"auth":{auth}}}]}}"#,
+                "0".repeat(64),
+                "A".repeat(43)
+            )
+        };
+        let both = r#"{"mode":"required","methods":["jwt:main","api_key"],"scopes_all":["read:orders"],"roles_any":["admin"]}"#;
         assert!(parse(
-            route(r#"{"mode":"required","methods":["api_key"],"scopes_all":["read:orders"],"roles_any":["admin"]}"#)
-                .as_bytes(),
+            satisfiable(both, r#","roles_claim":"roles""#, "").as_bytes(),
             &no_env
         )
         .is_ok());
+        // Issue 14, item 2: a rule no accepted credential can satisfy is refused, naming
+        // the field and what to set.
+        let e = parse(satisfiable(both, "", "").as_bytes(), &no_env).unwrap_err();
+        assert_eq!(e.path, "routes[0].auth.roles_any");
+        assert!(e.message.contains("jwt_providers.main.roles_claim"), "{e}");
+        let e = err(&route(
+            r#"{"mode":"required","methods":["api_key"],"roles_any":["admin"]}"#,
+        ));
+        assert_eq!(e.path, "routes[0].auth.roles_any");
+        let jwt_only = r#"{"mode":"required","methods":["jwt:main"],"scopes_any":["x"]}"#;
+        assert!(parse(satisfiable(jwt_only, "", "").as_bytes(), &no_env).is_ok());
+        let e = parse(
+            satisfiable(jwt_only, "", r#","scope_claims":[]"#).as_bytes(),
+            &no_env,
+        )
+        .unwrap_err();
+        assert_eq!(e.path, "routes[0].auth.scopes_any");
+        // API keys alone: some key must hold the scopes.
+        let keys_only = |scopes: &str| {
+            satisfiable(
+                &format!(r#"{{"mode":"required","methods":["api_key"],"scopes_all":{scopes}}}"#),
+                "",
+                "",
+            )
+        };
+        assert!(parse(keys_only(r#"["read:orders"]"#).as_bytes(), &no_env).is_ok());
+        let e = parse(keys_only(r#"["admin"]"#).as_bytes(), &no_env).unwrap_err();
+        assert_eq!(e.path, "routes[0].auth.scopes_all");
         assert_eq!(
             err(r#"{"api_keys":{"header":"X-Api-Key","keys":[]}}"#).path,
             "api_keys.header"

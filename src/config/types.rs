@@ -38,17 +38,18 @@ pub struct RawConfig {
 pub struct ClientIpConfig {
     #[serde(default)]
     pub xff_trusted_hops: u32,
-    /// Extension: mirrors the connection manager's `use_remote_address` (true in the shipped
-    /// configs): Envoy then appends one `x-forwarded-for` entry that is not a client hop.
-    #[serde(default = "d_true")]
-    pub use_remote_address: bool,
+    /// Extension: mirrors the connection manager's `use_remote_address`: when true Envoy
+    /// appends one `x-forwarded-for` entry that is not a client hop. No default: the filter
+    /// cannot see the connection manager, and a wrong guess lets clients pick their own IP,
+    /// so it must be given whenever `xff_trusted_hops > 0` (validated in `config::compile`).
+    pub use_remote_address: Option<bool>,
 }
 
 impl Default for ClientIpConfig {
     fn default() -> Self {
         Self {
             xff_trusted_hops: 0,
-            use_remote_address: true,
+            use_remote_address: None,
         }
     }
 }
@@ -122,6 +123,11 @@ pub struct ApiKeysConfig {
     pub header: String,
     #[serde(default)]
     pub keys: Vec<ApiKeyConfig>,
+    /// Whether the client's API key header reaches the upstream. Default false: the verified
+    /// identity headers say who the client is; the credential itself stays at the edge (as
+    /// Kong's `hide_credentials`), so an upstream log or a compromised upstream cannot leak it.
+    #[serde(default)]
+    pub forward: bool,
 }
 fn d_api_key_header() -> String {
     "x-api-key".into()

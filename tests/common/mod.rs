@@ -99,6 +99,8 @@ pub struct EnvoyBuilder {
     routes: Option<Vec<Value>>,
     upstream: Option<EchoServer>,
     use_remote_address: bool,
+    xff_num_trusted_hops: u32,
+    exact_balance: bool,
     extra_http_filters_before: Vec<Value>,
 }
 
@@ -141,6 +143,20 @@ impl EnvoyBuilder {
 
     pub fn use_remote_address(mut self, on: bool) -> Self {
         self.use_remote_address = on;
+        self
+    }
+
+    /// The connection manager's `xff_num_trusted_hops` (Envoy resolves the client itself).
+    pub fn xff_num_trusted_hops(mut self, n: u32) -> Self {
+        self.xff_num_trusted_hops = n;
+        self
+    }
+
+    /// Spread connections evenly over the workers (`exact_balance`): with N held [`Conn`]s
+    /// and N workers, each worker serves exactly one, so a test drives each worker
+    /// explicitly instead of hoping for the kernel's choice.
+    pub fn exact_balance(mut self) -> Self {
+        self.exact_balance = true;
         self
     }
 
@@ -209,12 +225,18 @@ impl EnvoyBuilder {
                     "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
                     // As in envoy/demo.yaml: above the default webhook max_body_bytes.
                     "per_connection_buffer_limit_bytes": 2097152,
+                    "connection_balance_config": if self.exact_balance {
+                        json!({"exact_balance": {}})
+                    } else {
+                        Value::Null
+                    },
                     "filter_chains": [{"filters": [{
                         "name": "envoy.filters.network.http_connection_manager",
                         "typed_config": {
                             "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                             "stat_prefix": "ingress",
                             "use_remote_address": self.use_remote_address,
+                            "xff_num_trusted_hops": self.xff_num_trusted_hops,
                             "route_config": {
                                 "name": "local",
                                 "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}]
@@ -290,6 +312,8 @@ impl Envoy {
             routes: None,
             upstream: None,
             use_remote_address: true,
+            xff_num_trusted_hops: 0,
+            exact_balance: false,
             extra_http_filters_before: Vec::new(),
         }
     }
@@ -357,6 +381,24 @@ impl Envoy {
     /// The admin `/stats` text.
     pub fn stats(&self) -> String {
         String::from_utf8_lossy(&http(self.admin_port, "GET", "/stats").send().body).into_owned()
+    }
+
+    /// Open connections per worker on the ingress listener (`listener.*.worker_N.
+    /// downstream_cx_active`), in worker order.
+    pub fn active_connections_per_worker(&self) -> Vec<u64> {
+        let mut per: Vec<(u32, u64)> = self
+            .stats()
+            .lines()
+            .filter(|l| l.starts_with("listener.") && !l.starts_with("listener.admin."))
+            .filter_map(|l| {
+                let (name, v) = l.split_once(": ")?;
+                let rest = name.strip_suffix(".downstream_cx_active")?;
+                let w = rest.rsplit_once(".worker_")?.1.parse().ok()?;
+                Some((w, v.trim().parse().ok()?))
+            })
+            .collect();
+        per.sort();
+        per.into_iter().map(|(_, v)| v).collect()
     }
 
     /// One counter from `/stats` (e.g. `wasmcustom.api_guard.allowed`), 0 when absent.
@@ -457,9 +499,15 @@ impl Req {
     }
 
     fn bytes(&self) -> Vec<u8> {
+        self.bytes_with(true)
+    }
+
+    fn bytes_with(&self, close: bool) -> Vec<u8> {
         let mut out = format!(
-            "{} {} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n",
-            self.method, self.path
+            "{} {} HTTP/1.1\r\nhost: localhost\r\n{}",
+            self.method,
+            self.path,
+            if close { "connection: close\r\n" } else { "" }
         );
         for (k, v) in &self.headers {
             out.push_str(&format!("{k}: {v}\r\n"));
@@ -494,6 +542,31 @@ impl Req {
 
     pub fn send_opt(self) -> Option<Resp> {
         send_raw(self.port, &self.bytes(), self.timeout)
+    }
+
+    /// Sends on a held keep-alive connection (the request's own port is ignored).
+    pub fn send_on(self, conn: &mut Conn) -> Resp {
+        let bytes = self.bytes_with(false);
+        conn.stream
+            .get_mut()
+            .write_all(&bytes)
+            .expect("write on a held connection");
+        read_response(&mut conn.stream).expect("a response on a held connection")
+    }
+}
+
+/// A held HTTP/1.1 keep-alive connection: every request on it is served by one worker.
+pub struct Conn {
+    stream: BufReader<TcpStream>,
+}
+
+impl Conn {
+    pub fn open(port: u16) -> Conn {
+        let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        Conn {
+            stream: BufReader::new(s),
+        }
     }
 }
 
