@@ -1,12 +1,19 @@
 # api-guard — build, test, run and benchmark.
-#   make build   the filter (.wasm) and the native binaries
-#   make test    every test: unit, and end-to-end through a real Envoy (installs what it needs)
+#   make build   the filter (.wasm), the filter as a dynamic module (.so) and the native binaries
+#   make test    every test: unit, and end-to-end through a real Envoy with both deliveries
+#                (installs what it needs)
 #   make run     the demo stack on 127.0.0.1:8080, with ready-to-paste curl commands
+#                (DELIVERY=native: the dynamic module instead of the .wasm)
 #   make lint    rustfmt + clippy, warnings are errors
 #   make bench   api-guard side by side with Envoy's native filters (not part of `make test`)
 SHELL := /bin/bash
 CARGO ?= cargo
 WASM := target/wasm32-wasip1/release/api_guard.wasm
+MODULE := target/release/libapi_guard.so
+# The release profile unwinds (the native module catches panics at every hook and answers
+# 500); the wasm aborts instead: the VM is its sandbox, and unwinding tables only cost size.
+WASM_FLAGS := --config 'profile.release.panic="abort"'
+DELIVERY ?= wasm
 ENVOY_BIN := $(CURDIR)/.tools/envoy/envoy/_bin/envoy
 export ENVOY_BIN
 
@@ -20,30 +27,31 @@ tools:
 wasm:
 	@scripts/tools.sh wasm clang
 	@echo "==> building the filter ($(WASM))"
-	$(CARGO) build --release --target wasm32-wasip1 --lib
+	$(CARGO) build --release --target wasm32-wasip1 --lib $(WASM_FLAGS)
 
 native:
-	@echo "==> building the native binaries (api-guard CLI, api-guard-quota)"
-	$(CARGO) build --release --workspace --bins
+	@echo "==> building the dynamic module ($(MODULE)) and the native binaries (api-guard CLI, api-guard-quota)"
+	$(CARGO) build --release --workspace --lib --bins
 
 build: wasm native
 
 # Unit tests need nothing installed; end-to-end tests need Envoy (and Redis for the quota
-# service). The wasm is built first so the e2e harness does not have to.
-test: tools wasm
-	@echo "==> running unit and end-to-end tests"
-	API_GUARD_SKIP_WASM_BUILD=1 $(CARGO) test --workspace --all-targets
+# service). The .wasm and the .so are built first so the e2e harness does not have to; the
+# harness runs every e2e test against both (API_GUARD_DELIVERY=both, tests/common/mod.rs).
+test: tools wasm native
+	@echo "==> running unit and end-to-end tests (wasm filter and dynamic module)"
+	API_GUARD_SKIP_WASM_BUILD=1 API_GUARD_DELIVERY=both $(CARGO) test --workspace --all-targets
 
 test-unit:
 	$(CARGO) test --workspace --lib --bins
 
 run: tools build
-	@scripts/run-demo.sh
+	@DELIVERY=$(DELIVERY) scripts/run-demo.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	$(CARGO) clippy --release --target wasm32-wasip1 --lib -- -D warnings
+	$(CARGO) clippy --release --target wasm32-wasip1 --lib $(WASM_FLAGS) -- -D warnings
 
 bench: tools build
 	@scripts/tools.sh wrk

@@ -24,7 +24,7 @@ fi
 
 if [ ! -f target/wasm32-wasip1/release/api_guard.wasm ]; then
   say "building the filter"
-  cargo build --release --target wasm32-wasip1 --lib
+  cargo build --release --target wasm32-wasip1 --lib --config 'profile.release.panic="abort"'
 fi
 say "building the bench helpers (no-op wasm filter, bench-tokens)"
 CARGO_TARGET_DIR="$PWD/target/bench" cargo build --quiet --release \

@@ -1,6 +1,14 @@
-//! End-to-end harness: the real pinned Envoy loading the real `api_guard.wasm`, an echo
-//! upstream, and a raw HTTP/1.1 client (raw, so tests can send what real clients would not:
-//! unnormalized paths, repeated headers, chunked bodies).
+//! End-to-end harness: the real pinned Envoy loading the real filter, an echo upstream, and a
+//! raw HTTP/1.1 client (raw, so tests can send what real clients would not: unnormalized
+//! paths, repeated headers, chunked bodies).
+//!
+//! The filter comes in two deliveries and every test runs against both: the proxy-wasm
+//! filter (`api_guard.wasm`) and the native dynamic module (`libapi_guard.so`).
+//! `API_GUARD_DELIVERY` picks: `wasm`, `native`, or `both` (the default). A test binary
+//! serves one delivery per process: with `both` it serves the wasm one and, the first time a
+//! test starts an Envoy, runs itself again (same arguments, same filter) for the native one
+//! and waits for it; that test fails with the native run's output if it failed. Tests that
+//! start an Envoy in the meantime wait too, so the two runs never compete for CPU.
 //!
 //! Every Envoy gets a fresh config in its own temp dir, binds port 0 for its listener and
 //! admin (no port races), is waited for with a deadline, and is killed on drop, even when a
@@ -14,7 +22,7 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Once;
+use std::sync::{Once, OnceLock};
 use std::time::{Duration, Instant};
 
 pub const STARTUP_DEADLINE: Duration = Duration::from_secs(60);
@@ -43,15 +51,93 @@ pub fn envoy_bin() -> PathBuf {
     p
 }
 
+/// How the filter is loaded into Envoy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// `envoy.filters.http.wasm` with `api_guard.wasm` (V8).
+    Wasm,
+    /// `envoy.filters.http.dynamic_modules` with `libapi_guard.so` (in-process).
+    Native,
+}
+
+/// What `API_GUARD_DELIVERY` asks for: `wasm`, `native` or `both` (unset: `both`).
+fn requested_delivery() -> String {
+    std::env::var("API_GUARD_DELIVERY").unwrap_or_else(|_| "both".into())
+}
+
+/// The delivery this test process serves (with `both`, the wasm one; its twin process
+/// serves the native one).
+pub fn delivery() -> Delivery {
+    match requested_delivery().as_str() {
+        "native" => Delivery::Native,
+        "wasm" | "both" => Delivery::Wasm,
+        other => panic!("API_GUARD_DELIVERY={other}: expected wasm, native or both"),
+    }
+}
+
+static NATIVE_TWIN: OnceLock<Result<String, String>> = OnceLock::new();
+
+/// With `both`: runs this test binary again for the native delivery, once, and waits for
+/// it. The test that ran it fails if the native run failed.
+fn run_native_twin() {
+    if requested_delivery() != "both" {
+        return;
+    }
+    let mut ran = false;
+    let result = NATIVE_TWIN.get_or_init(|| {
+        ran = true;
+        let exe = std::env::current_exe().expect("the test binary's path");
+        let out = Command::new(exe)
+            .args(std::env::args_os().skip(1))
+            .env("API_GUARD_DELIVERY", "native")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run the test binary again for the native delivery");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let summary: String = stdout
+            .lines()
+            .filter(|l| l.starts_with("test result:"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        if out.status.success() {
+            Ok(summary)
+        } else {
+            Err(format!(
+                "{stdout}\n{}",
+                tail(&String::from_utf8_lossy(&out.stderr), 80)
+            ))
+        }
+    });
+    if ran {
+        match result {
+            // Not through eprintln!: the test harness would capture it.
+            Ok(summary) => {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "native delivery (API_GUARD_DELIVERY=native run of this binary): {summary}"
+                );
+            }
+            Err(out) => panic!("the native delivery run of this test binary failed:\n{out}"),
+        }
+    }
+}
+
+/// Whether the harness may reuse artifacts `make` built instead of building them.
+fn skip_builds() -> bool {
+    std::env::var_os("API_GUARD_SKIP_WASM_BUILD").is_some()
+}
+
 static BUILD: Once = Once::new();
 
 /// The release `.wasm`, built once per test binary if `make` has not built it already.
 pub fn wasm_path() -> PathBuf {
     let wasm = target_dir().join("wasm32-wasip1/release/api_guard.wasm");
     BUILD.call_once(|| {
-        if std::env::var_os("API_GUARD_SKIP_WASM_BUILD").is_some() && wasm.exists() {
+        if skip_builds() && wasm.exists() {
             return;
         }
+        // As the Makefile: the wasm aborts on panic (the VM is the sandbox), the native
+        // module unwinds (it catches panics at every hook).
         let status = Command::new(env!("CARGO"))
             .args([
                 "build",
@@ -60,6 +146,8 @@ pub fn wasm_path() -> PathBuf {
                 "wasm32-wasip1",
                 "--lib",
                 "--quiet",
+                "--config",
+                "profile.release.panic=\"abort\"",
             ])
             .current_dir(repo())
             .status()
@@ -68,6 +156,49 @@ pub fn wasm_path() -> PathBuf {
     });
     assert!(wasm.exists(), "missing {}", wasm.display());
     wasm
+}
+
+static MODULE_BUILD: Once = Once::new();
+
+/// The release `libapi_guard.so`, built once per test binary if `make` has not built it.
+pub fn module_path() -> PathBuf {
+    let so = target_dir().join("release/libapi_guard.so");
+    MODULE_BUILD.call_once(|| {
+        if skip_builds() && so.exists() {
+            return;
+        }
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--release", "--lib", "--quiet"])
+            .current_dir(repo())
+            .status()
+            .expect("run cargo to build the dynamic module");
+        assert!(status.success(), "building libapi_guard.so failed");
+    });
+    assert!(so.exists(), "missing {}", so.display());
+    so
+}
+
+/// The debug `libapi_guard.so` that `cargo test` built with this test binary: the only
+/// build that honours the panic probe (`API_GUARD_DEBUG_PANIC_PATH`, compiled in only with
+/// debug assertions). Release builds cannot be made to panic on purpose.
+pub fn debug_module_path() -> PathBuf {
+    let so = target_dir().join("debug/libapi_guard.so");
+    assert!(
+        so.exists(),
+        "missing {}: `cargo test` builds it with the library",
+        so.display()
+    );
+    so
+}
+
+/// The name a filter stat has under `delivery`. Tests name stats as the wasm filter shows
+/// them (`wasmcustom.api_guard.allowed`); Envoy puts a dynamic module's stats under the
+/// module's metrics namespace instead (`dynamicmodulescustom.api_guard.allowed`).
+pub fn stat_name(delivery: Delivery, name: &str) -> String {
+    match (delivery, name.strip_prefix("wasmcustom.")) {
+        (Delivery::Native, Some(rest)) => format!("dynamicmodulescustom.{rest}"),
+        _ => name.to_string(),
+    }
 }
 
 /// The native CLI built by cargo for these tests.
@@ -102,16 +233,32 @@ pub struct EnvoyBuilder {
     xff_num_trusted_hops: u32,
     exact_balance: bool,
     extra_http_filters_before: Vec<Value>,
+    delivery: Delivery,
+    module: Option<PathBuf>,
 }
 
 impl EnvoyBuilder {
+    /// Load the filter this way (default: [`delivery()`]).
+    pub fn delivery(mut self, d: Delivery) -> Self {
+        self.delivery = d;
+        self
+    }
+
+    /// The native delivery with this `libapi_guard.so` (e.g. [`debug_module_path`]).
+    pub fn module(mut self, so: PathBuf) -> Self {
+        self.delivery = Delivery::Native;
+        self.module = Some(so);
+        self
+    }
+
     /// Worker threads (default 2: every feature must hold across workers).
     pub fn concurrency(mut self, n: u32) -> Self {
         self.concurrency = n;
         self
     }
 
-    /// An environment variable visible to the filter VM (`{"env": NAME}` secrets).
+    /// An environment variable visible to the filter (`{"env": NAME}` secrets): the wasm
+    /// VM's environment, or Envoy's process environment for the native module.
     pub fn env(mut self, k: &str, v: &str) -> Self {
         self.env.push((k.into(), v.into()));
         self
@@ -170,6 +317,7 @@ impl EnvoyBuilder {
 
     /// Start Envoy; `Err(log)` when it exits or does not become ready by the deadline.
     pub fn try_start(self) -> Result<Envoy, String> {
+        run_native_twin();
         let upstream = match self.upstream.clone() {
             Some(u) => u,
             None => EchoServer::start("127.0.0.1:0").expect("start echo upstream"),
@@ -190,29 +338,53 @@ impl EnvoyBuilder {
             .map(|(k, v)| (k.clone(), Value::from(v.clone())))
             .collect();
         let mut filters = self.extra_http_filters_before.clone();
-        filters.push(json!({
-            "name": "envoy.filters.http.wasm",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-                "config": {
-                    "name": "api_guard",
-                    "root_id": "api_guard",
-                    // Pause from request headers = StopIteration, so body callbacks still
-                    // run (webhook signatures need the body before anything goes upstream).
-                    "allow_on_headers_stop_iteration": true,
-                    "configuration": {
-                        "@type": "type.googleapis.com/google.protobuf.StringValue",
-                        "value": self.filter_config,
-                    },
-                    "vm_config": {
-                        "vm_id": "api_guard",
-                        "runtime": "envoy.wasm.runtime.v8",
-                        "code": {"local": {"filename": wasm_path()}},
-                        "environment_variables": {"key_values": env},
+        let mut process_env: Vec<(String, String)> = Vec::new();
+        filters.push(match self.delivery {
+            Delivery::Wasm => json!({
+                "name": "envoy.filters.http.wasm",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                    "config": {
+                        "name": "api_guard",
+                        "root_id": "api_guard",
+                        // Pause from request headers = StopIteration, so body callbacks still
+                        // run (webhook signatures need the body before anything goes upstream).
+                        "allow_on_headers_stop_iteration": true,
+                        "configuration": {
+                            "@type": "type.googleapis.com/google.protobuf.StringValue",
+                            "value": self.filter_config,
+                        },
+                        "vm_config": {
+                            "vm_id": "api_guard",
+                            "runtime": "envoy.wasm.runtime.v8",
+                            "code": {"local": {"filename": wasm_path()}},
+                            "environment_variables": {"key_values": env},
+                        }
                     }
                 }
+            }),
+            Delivery::Native => {
+                let so = self.module.clone().unwrap_or_else(module_path);
+                let dir = so.parent().expect("the module's folder").to_path_buf();
+                process_env.push((
+                    "ENVOY_DYNAMIC_MODULES_SEARCH_PATH".into(),
+                    dir.display().to_string(),
+                ));
+                process_env.extend(self.env.iter().cloned());
+                json!({
+                    "name": "envoy.filters.http.dynamic_modules",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter",
+                        "dynamic_module_config": {"name": "api_guard", "do_not_close": true},
+                        "filter_name": "api_guard",
+                        "filter_config": {
+                            "@type": "type.googleapis.com/google.protobuf.StringValue",
+                            "value": self.filter_config,
+                        }
+                    }
+                })
             }
-        }));
+        });
         filters.push(json!({
             "name": "envoy.filters.http.router",
             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
@@ -261,6 +433,7 @@ impl EnvoyBuilder {
             .arg("--admin-address-path")
             .arg(&admin_path)
             .args(["-l", "info"])
+            .envs(process_env)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -273,6 +446,7 @@ impl EnvoyBuilder {
             dir,
             log_path,
             upstream,
+            delivery: self.delivery,
         };
         envoy.wait_ready()?;
         Ok(envoy)
@@ -300,6 +474,7 @@ pub struct Envoy {
     pub dir: PathBuf,
     log_path: PathBuf,
     pub upstream: EchoServer,
+    pub delivery: Delivery,
 }
 
 impl Envoy {
@@ -315,6 +490,8 @@ impl Envoy {
             xff_num_trusted_hops: 0,
             exact_balance: false,
             extra_http_filters_before: Vec::new(),
+            delivery: delivery(),
+            module: None,
         }
     }
 
@@ -401,9 +578,10 @@ impl Envoy {
         per.into_iter().map(|(_, v)| v).collect()
     }
 
-    /// One counter from `/stats` (e.g. `wasmcustom.api_guard.allowed`), 0 when absent.
+    /// One counter from `/stats`, named as the wasm filter shows it (e.g.
+    /// `wasmcustom.api_guard.allowed`; see [`stat_name`] for the module), 0 when absent.
     pub fn stat(&self, name: &str) -> u64 {
-        let prefix = format!("{name}: ");
+        let prefix = format!("{}: ", stat_name(self.delivery, name));
         self.stats()
             .lines()
             .find_map(|l| l.strip_prefix(&prefix).and_then(|v| v.trim().parse().ok()))
