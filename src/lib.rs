@@ -8,6 +8,7 @@ pub mod client_ip;
 pub mod config;
 pub mod cors;
 pub mod headers;
+pub mod host;
 pub mod identity;
 pub mod pipeline;
 pub mod quota_client;
