@@ -16,10 +16,12 @@ pub enum ErrorCode {
     RateLimitExceeded,
     QuotaExceeded,
     QuotaUnavailable,
+    /// The filter failed on this request (a panic caught by the native module's guard).
+    InternalError,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 12] = [
         ErrorCode::InvalidRequest,
         ErrorCode::MissingCredentials,
         ErrorCode::InvalidToken,
@@ -31,6 +33,7 @@ impl ErrorCode {
         ErrorCode::RateLimitExceeded,
         ErrorCode::QuotaExceeded,
         ErrorCode::QuotaUnavailable,
+        ErrorCode::InternalError,
     ];
 
     /// The `error` field of the body, also the stats and log reason.
@@ -47,6 +50,7 @@ impl ErrorCode {
             ErrorCode::RateLimitExceeded => "rate_limit_exceeded",
             ErrorCode::QuotaExceeded => "quota_exceeded",
             ErrorCode::QuotaUnavailable => "quota_unavailable",
+            ErrorCode::InternalError => "internal_error",
         }
     }
 
@@ -62,6 +66,7 @@ impl ErrorCode {
             ErrorCode::RateLimitExceeded => 429,
             ErrorCode::QuotaExceeded => 402,
             ErrorCode::QuotaUnavailable => 503,
+            ErrorCode::InternalError => 500,
         }
     }
 

@@ -2710,6 +2710,8 @@ fn check_world(
                 "429 on route {:?}",
                 route
             ),
+            // Only the native module's panic guard answers it; the pipeline never does.
+            ErrorCode::InternalError => prop_assert!(false, "internal_error from the pipeline"),
             _ => {}
         }
         return Ok(());
