@@ -7,6 +7,7 @@ pub mod auth;
 pub mod client_ip;
 pub mod config;
 pub mod cors;
+pub mod driver;
 pub mod headers;
 pub mod host;
 pub mod identity;

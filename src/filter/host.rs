@@ -1,12 +1,16 @@
-//! Host services behind the crate's traits: shared data, the clock, metrics.
+//! [`Platform`] and [`Host`] over proxy-wasm host calls. Stateless: the host knows which
+//! context is current. Host calls go through `hostcalls` directly, never the SDK's context
+//! methods, which `unwrap()` host errors (a VM abort); `_bytes` variants only, since the
+//! String ones panic on a value that is not UTF-8.
 
-use crate::config::Config;
-use crate::ratelimit::Event;
-use crate::reply::ErrorCode;
+use crate::host::{
+    Attribute, CalloutError, CalloutResponse, CalloutToken, CounterId, Host, LogLevel, Platform,
+};
 use crate::store::{SharedStore, StoreError};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType, MetricType, Status};
-use std::time::UNIX_EPOCH;
+use std::fmt;
+use std::time::{Duration, UNIX_EPOCH};
 
 /// Envoy shared data (process-wide, every worker's VM sees the same map).
 pub struct ProxyStore;
@@ -28,11 +32,10 @@ impl SharedStore for ProxyStore {
     }
 }
 
-/// Header values as text. proxy-wasm's String accessors `unwrap()` UTF-8 decoding, so a
-/// single byte 0xFF from a client would abort the VM; read bytes and replace invalid
-/// sequences instead (a credential with such bytes is invalid either way). Names are tokens
-/// validated by Envoy's codecs.
-pub fn utf8_headers(raw: Vec<(String, Vec<u8>)>) -> Vec<(String, String)> {
+/// The current context (root or HTTP) of this VM.
+pub struct WasmHost;
+
+fn utf8_map(raw: Vec<(String, Vec<u8>)>) -> Vec<(String, String)> {
     raw.into_iter()
         .map(|(k, v)| {
             let v = match String::from_utf8(v) {
@@ -44,141 +47,127 @@ pub fn utf8_headers(raw: Vec<(String, Vec<u8>)>) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The body of the finished HTTP callout when it answered 200 with at most `max` bytes, or
-/// why not (for the log). An oversized body is refused before it is copied into the VM: the
-/// peer decides `body_size`, and every worker would otherwise allocate whatever it sends.
-/// Calls the host directly: the SDK's context methods `unwrap()` a host error (VM abort).
-pub fn callout_body(body_size: usize, max: usize) -> Result<Vec<u8>, String> {
-    let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
-        .ok()
-        .flatten();
-    if status.as_deref() != Some(b"200".as_slice()) {
-        let shown = status.map_or_else(
-            || "none".to_string(),
-            |s| String::from_utf8_lossy(&s).chars().take(16).collect(),
-        );
-        return Err(format!("HTTP status {shown}"));
+impl Platform for WasmHost {
+    fn now_ms(&self) -> u64 {
+        hostcalls::get_current_time()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as u64)
     }
-    if body_size > max {
-        return Err(format!(
-            "body of {body_size} bytes is over the {max}-byte limit"
-        ));
+
+    fn store(&self) -> &dyn SharedStore {
+        &ProxyStore
     }
-    match hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size) {
-        Ok(b) => Ok(b.unwrap_or_default()),
-        Err(e) => Err(format!("reading the body failed: {e:?}")),
+
+    fn log(&self, level: LogLevel, msg: fmt::Arguments<'_>) {
+        let level = match level {
+            LogLevel::Debug => log::Level::Debug,
+            LogLevel::Info => log::Level::Info,
+            LogLevel::Warn => log::Level::Warn,
+            LogLevel::Error => log::Level::Error,
+        };
+        log::log!(level, "{msg}");
     }
-}
 
-/// The status and body of an HTTP callout answer, whatever the status (the caller judges);
-/// status 0 when absent or unreadable. The caller bounds `body_size` first.
-pub fn callout_status_and_body(body_size: usize) -> (u32, Vec<u8>) {
-    let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
-        .ok()
-        .flatten()
-        .and_then(|v| std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok()))
-        .unwrap_or(0);
-    let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-        .ok()
-        .flatten()
-        .unwrap_or_default();
-    (status, body)
-}
+    fn define_counter(&mut self, name: &str) -> Option<CounterId> {
+        hostcalls::define_metric(MetricType::Counter, name)
+            .ok()
+            .map(CounterId)
+    }
 
-/// Unix milliseconds from the host clock (wasm has no clock of its own in Envoy's sense).
-pub fn now_ms() -> u64 {
-    hostcalls::get_current_time()
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+    fn increment_counter(&self, id: CounterId, n: u64) {
+        let _ = hostcalls::increment_metric(id.0, n as i64);
+    }
 
-/// Counters in Envoy stats (`/stats`: `wasmcustom.api_guard.*`). Ids are per VM.
-pub struct Metrics {
-    allowed: Option<u32>,
-    /// Requests the filter answered itself without denying them (CORS preflights).
-    answered: Option<u32>,
-    /// Quota callouts that failed (timeout, error, unreadable answer) or were skipped by the
-    /// open circuit breaker: `failure_mode` was applied.
-    quota_failed: Option<u32>,
-    denied: [Option<u32>; ErrorCode::ALL.len()],
-    /// Per rate limit (by index): allowed, denied, shadow_denied, slot_pressure, contention.
-    limits: Vec<[Option<u32>; 5]>,
-}
-
-/// Counter suffixes per rate limit, in [`Event`] order.
-const LIMIT_EVENTS: [&str; 5] = [
-    "allowed",
-    "denied",
-    "shadow_denied",
-    "slot_pressure",
-    "contention",
-];
-
-fn event_index(e: Event) -> usize {
-    match e {
-        Event::Allowed => 0,
-        Event::Denied => 1,
-        Event::ShadowDenied => 2,
-        Event::SlotPressure => 3,
-        Event::Contention => 4,
+    fn dispatch_callout(
+        &mut self,
+        cluster: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+        timeout_ms: u64,
+    ) -> Result<CalloutToken, CalloutError> {
+        // Registers the token with the current context, which gets the answer.
+        hostcalls::dispatch_http_call(
+            cluster,
+            headers.to_vec(),
+            body,
+            vec![],
+            Duration::from_millis(timeout_ms),
+        )
+        .map(|t| CalloutToken(t.into()))
+        .map_err(|e| CalloutError(format!("{e:?}")))
     }
 }
 
-fn counter(name: &str) -> Option<u32> {
-    hostcalls::define_metric(MetricType::Counter, name).ok()
+impl Host for WasmHost {
+    fn request_headers(&mut self) -> Vec<(String, String)> {
+        utf8_map(hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default())
+    }
+
+    fn attribute(&mut self, attr: Attribute) -> Option<String> {
+        let path = match attr {
+            Attribute::SourceAddress => vec!["source", "address"],
+            Attribute::RouteName => vec!["xds", "route_name"],
+        };
+        hostcalls::get_property(path)
+            .ok()
+            .flatten()
+            .and_then(|b| String::from_utf8(b).ok())
+    }
+
+    fn set_request_header(&mut self, name: &str, value: Option<&str>) {
+        let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value);
+    }
+
+    fn request_body(&mut self, start: usize, max: usize) -> Vec<u8> {
+        hostcalls::get_buffer(BufferType::HttpRequestBody, start, max)
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    }
+
+    fn resume_request(&mut self) {
+        let _ = hostcalls::resume_http_request();
+    }
+
+    fn send_response(&mut self, status: u32, headers: &[(&str, &str)], body: Option<&[u8]>) {
+        let _ = hostcalls::send_http_response(status, headers.to_vec(), body);
+    }
+
+    fn response_headers(&mut self) -> Vec<(String, String)> {
+        utf8_map(hostcalls::get_map_bytes(MapType::HttpResponseHeaders).unwrap_or_default())
+    }
+
+    fn set_response_header(&mut self, name: &str, value: Option<&str>) {
+        let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, value);
+    }
+
+    fn add_response_header(&mut self, name: &str, value: &str) {
+        let _ = hostcalls::add_map_value(MapType::HttpResponseHeaders, name, value);
+    }
 }
 
-impl Metrics {
-    pub fn define(cfg: &Config) -> Self {
-        let mut denied = [None; ErrorCode::ALL.len()];
-        for (slot, code) in denied.iter_mut().zip(ErrorCode::ALL) {
-            *slot = counter(&format!("api_guard.denied.{}", code.as_str()));
-        }
-        let limits = cfg
-            .rate_limiter
-            .limits
-            .iter()
-            .map(|l| LIMIT_EVENTS.map(|e| counter(&format!("api_guard.ratelimit.{}.{e}", l.name))))
-            .collect();
-        Self {
-            allowed: counter("api_guard.allowed"),
-            answered: counter("api_guard.answered"),
-            quota_failed: counter("api_guard.quota.unavailable"),
-            denied,
-            limits,
-        }
+/// The answer to the callout whose `on_http_call_response` is running, read on demand.
+pub struct WasmCallout {
+    pub body_size: usize,
+}
+
+impl CalloutResponse for WasmCallout {
+    fn status(&self) -> Option<u32> {
+        hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
+            .ok()
+            .flatten()
+            .and_then(|v| std::str::from_utf8(&v).ok()?.parse().ok())
     }
 
-    /// Counts what happened at one rate limit.
-    pub fn limit_event(&self, limit: usize, e: Event) {
-        if let Some(Some(id)) = self.limits.get(limit).map(|c| c[event_index(e)]) {
-            let _ = hostcalls::increment_metric(id, 1);
-        }
+    fn body_len(&self) -> usize {
+        self.body_size
     }
 
-    pub fn allowed(&self) {
-        if let Some(id) = self.allowed {
-            let _ = hostcalls::increment_metric(id, 1);
-        }
-    }
-
-    pub fn answered(&self) {
-        if let Some(id) = self.answered {
-            let _ = hostcalls::increment_metric(id, 1);
-        }
-    }
-
-    pub fn quota_failed(&self) {
-        if let Some(id) = self.quota_failed {
-            let _ = hostcalls::increment_metric(id, 1);
-        }
-    }
-
-    pub fn denied(&self, code: ErrorCode) {
-        if let Some(Some(id)) = self.denied.get(code.index()) {
-            let _ = hostcalls::increment_metric(*id, 1);
-        }
+    fn body(&self) -> Vec<u8> {
+        hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, self.body_size)
+            .ok()
+            .flatten()
+            .unwrap_or_default()
     }
 }

@@ -1,5 +1,5 @@
-//! proxy-wasm glue: the only code that talks to Envoy. It reads the request once, hands it
-//! to [`crate::pipeline`], and carries out the verdict. No decisions are made here.
+//! proxy-wasm glue: translates proxy-wasm callbacks into [`crate::driver`] calls and the
+//! [`crate::host`] traits into host calls. No decisions are made here.
 
 mod host;
 mod http;
