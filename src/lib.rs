@@ -24,3 +24,7 @@ pub mod echo;
 
 #[cfg(target_arch = "wasm32")]
 mod filter;
+
+/// The dynamic-module glue (`libapi_guard.so`): its hooks are exported from the cdylib.
+#[cfg(not(target_arch = "wasm32"))]
+mod module;

@@ -248,6 +248,7 @@ macro_rules! callbacks {
 
         impl Callbacks {
             /// Every exported name bound here (tests compare it with the pinned binary).
+            #[cfg(test)]
             pub const NAMES: &'static [&'static str] = &[$($sym),*];
 
             /// Looks every callback up in the process (Envoy's exports). `Err(name)`: the
