@@ -44,8 +44,20 @@ until grep -q "api-guard-quota ready" .run/quota.log 2>/dev/null; do
   sleep 0.2
 done
 
-echo "==> starting Envoy on 127.0.0.1:8080 (log: .run/envoy.log, admin: 127.0.0.1:9901)"
-"$ENVOY_BIN" -c envoy/demo.yaml --concurrency 2 --disable-hot-restart >.run/envoy.log 2>&1 &
+# DELIVERY=native (`make run DELIVERY=native`): the same filter as a dynamic module.
+case "${DELIVERY:-wasm}" in
+  native)
+    config=envoy/demo-native.yaml
+    # Envoy finds libapi_guard.so here; the module reads {"env": ...} secrets from Envoy's
+    # own environment (the wasm demo sets them in its vm_config instead).
+    export ENVOY_DYNAMIC_MODULES_SEARCH_PATH="$PWD/target/release"
+    export DEMO_GITHUB_WEBHOOK_SECRET="${DEMO_GITHUB_WEBHOOK_SECRET:-demo-webhook-secret}"
+    ;;
+  wasm) config=envoy/demo.yaml ;;
+  *) echo "error: DELIVERY must be wasm or native, not '$DELIVERY'" >&2; exit 1 ;;
+esac
+echo "==> starting Envoy on 127.0.0.1:8080 with $config (log: .run/envoy.log, admin: 127.0.0.1:9901)"
+"$ENVOY_BIN" -c "$config" --concurrency 2 --disable-hot-restart >.run/envoy.log 2>&1 &
 envoy_pid=$!
 pids+=("$envoy_pid")
 

@@ -267,6 +267,7 @@ fn cli_check_accepts_good_and_rejects_bad_configs() {
 fn shipped_envoy_configs_validate_and_match_their_json() {
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut checked = 0;
+    let mut native_checked = false;
     for entry in std::fs::read_dir(repo.join("envoy")).unwrap() {
         let p = entry.unwrap().path();
         let name = p.file_name().unwrap().to_string_lossy().to_string();
@@ -292,12 +293,21 @@ fn shipped_envoy_configs_validate_and_match_their_json() {
             .collect::<Vec<_>>()
             .join("\n");
         let copy = write_temp(&name, &text);
-        let out = std::process::Command::new(envoy_bin())
+        let mut validate = std::process::Command::new(envoy_bin());
+        validate
             .args(["--mode", "validate", "-c"])
             .arg(&copy)
-            .current_dir(repo)
-            .output()
-            .unwrap();
+            .current_dir(repo);
+        if text.contains("envoy.filters.http.dynamic_modules") {
+            // Validate mode loads the module and runs its config hook: the .so must be
+            // found, and the demo's env secret set, as `make run DELIVERY=native` does.
+            let so = module_path();
+            validate
+                .env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", so.parent().unwrap())
+                .env("DEMO_GITHUB_WEBHOOK_SECRET", "demo-webhook-secret");
+            native_checked = true;
+        }
+        let out = validate.output().unwrap();
         assert!(
             out.status.success(),
             "{name} does not validate:\n{}",
@@ -310,16 +320,19 @@ fn shipped_envoy_configs_validate_and_match_their_json() {
         "expected demo.yaml and compose-envoy.yaml in envoy/, checked {checked}"
     );
 
-    // The demo filter config inline in demo.yaml is the same document as demo-filter.json.
-    let yaml = std::fs::read_to_string(repo.join("envoy/demo.yaml")).unwrap();
-    let inline: serde_json::Value = serde_json::from_str(&block_scalar(&yaml, "value: |")).unwrap();
+    assert!(native_checked, "envoy/demo-native.yaml (dynamic module) was not validated");
+
+    // The demo filter config inline in demo.yaml and demo-native.yaml is the same document
+    // as demo-filter.json.
     let file: serde_json::Value =
         serde_json::from_slice(&std::fs::read(repo.join("envoy/demo-filter.json")).unwrap())
             .unwrap();
-    assert_eq!(
-        inline, file,
-        "envoy/demo.yaml and envoy/demo-filter.json differ"
-    );
+    for demo in ["envoy/demo.yaml", "envoy/demo-native.yaml"] {
+        let yaml = std::fs::read_to_string(repo.join(demo)).unwrap();
+        let inline: serde_json::Value =
+            serde_json::from_str(&block_scalar(&yaml, "value: |")).unwrap();
+        assert_eq!(inline, file, "{demo} and envoy/demo-filter.json differ");
+    }
     let out = cli()
         .arg("check")
         .arg(repo.join("envoy/demo-filter.json"))

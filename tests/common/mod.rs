@@ -178,17 +178,21 @@ pub fn module_path() -> PathBuf {
     so
 }
 
-/// The debug `libapi_guard.so` that `cargo test` built with this test binary: the only
-/// build that honours the panic probe (`API_GUARD_DEBUG_PANIC_PATH`, compiled in only with
-/// debug assertions). Release builds cannot be made to panic on purpose.
+/// The debug `libapi_guard.so` that `cargo test` built with this test binary (the newest of
+/// cargo's two copies): the only build that honours the panic probe
+/// (`API_GUARD_DEBUG_PANIC_PATH`, compiled in only with debug assertions). Release builds
+/// cannot be made to panic on purpose.
 pub fn debug_module_path() -> PathBuf {
-    let so = target_dir().join("debug/libapi_guard.so");
-    assert!(
-        so.exists(),
-        "missing {}: `cargo test` builds it with the library",
-        so.display()
-    );
-    so
+    let candidates = [
+        target_dir().join("debug/deps/libapi_guard.so"),
+        target_dir().join("debug/libapi_guard.so"),
+    ];
+    candidates
+        .iter()
+        .filter_map(|p| Some((std::fs::metadata(p).ok()?.modified().ok()?, p.clone())))
+        .max()
+        .map(|(_, p)| p)
+        .expect("no debug libapi_guard.so: `cargo test` builds it with the library")
 }
 
 /// The name a filter stat has under `delivery`. Tests name stats as the wasm filter shows
