@@ -320,7 +320,10 @@ fn shipped_envoy_configs_validate_and_match_their_json() {
         "expected demo.yaml and compose-envoy.yaml in envoy/, checked {checked}"
     );
 
-    assert!(native_checked, "envoy/demo-native.yaml (dynamic module) was not validated");
+    assert!(
+        native_checked,
+        "envoy/demo-native.yaml (dynamic module) was not validated"
+    );
 
     // The demo filter config inline in demo.yaml and demo-native.yaml is the same document
     // as demo-filter.json.
@@ -396,4 +399,28 @@ fn block_scalar(yaml: &str, key: &str) -> String {
         .take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() > key_indent)
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+#[test]
+fn prometheus_names_are_the_same_for_both_deliveries() {
+    // /stats names differ by the delivery's namespace (wasmcustom / dynamicmodulescustom);
+    // /stats/prometheus must show the same names for both, as dashboards rely on them.
+    let envoy = Envoy::start(PLAIN);
+    assert_eq!(envoy.get("/api/orders").status, 200);
+    assert_eq!(envoy.get("/a%2fb").status, 400);
+    let prom = envoy.prometheus();
+    let value = |name: &str| {
+        prom.lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(' ')?;
+                (k.split('{').next()? == name).then(|| v.trim().parse::<u64>().ok())?
+            })
+            .unwrap_or_else(|| panic!("{name} not in /stats/prometheus:\n{prom}"))
+    };
+    assert_eq!(value("api_guard_allowed"), 1);
+    assert_eq!(value("api_guard_denied_invalid_request"), 1);
+    assert!(
+        !prom.contains("dynamicmodulescustom"),
+        "namespace leaked into Prometheus"
+    );
 }

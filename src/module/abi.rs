@@ -411,10 +411,16 @@ mod tests {
             return;
         }
         let syms = String::from_utf8_lossy(&out.stdout);
-        let exported: std::collections::HashSet<&str> =
-            syms.lines().filter_map(|l| l.split_whitespace().nth(2)).collect();
+        let exported: std::collections::HashSet<&str> = syms
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(2))
+            .collect();
         for name in Callbacks::NAMES {
-            assert!(exported.contains(name), "{name} not exported by {}", envoy.display());
+            assert!(
+                exported.contains(name),
+                "{name} not exported by {}",
+                envoy.display()
+            );
         }
     }
 

@@ -139,13 +139,21 @@ pub fn handle_panic(
 fn count(stream: &Stream, api: &'static Callbacks, envoy: FilterEnvoyPtr) {
     let _ = catch_unwind(AssertUnwindSafe(|| {
         let host = Stream::host(stream.config(), api, envoy, false, &stream.replied);
-        stream.worker.metrics.denied(&host, ErrorCode::InternalError);
+        stream
+            .worker
+            .metrics
+            .denied(&host, ErrorCode::InternalError);
     }));
 }
 
 /// Answers 500 `internal_error` (SPEC JSON body, the usual local-reply headers), logs the
 /// deny line and counts it. Falls back to a bare JSON reply if building the usual one fails.
-fn reply_internal_error(stream: &Stream, api: &'static Callbacks, envoy: FilterEnvoyPtr, why: &str) {
+fn reply_internal_error(
+    stream: &Stream,
+    api: &'static Callbacks,
+    envoy: FilterEnvoyPtr,
+    why: &str,
+) {
     let reply = LocalReply::new(
         ErrorCode::InternalError,
         "the filter failed on this request",
@@ -153,7 +161,10 @@ fn reply_internal_error(stream: &Stream, api: &'static Callbacks, envoy: FilterE
     .with_policy(why);
     let full = catch_unwind(AssertUnwindSafe(|| {
         let mut host = Stream::host(stream.config(), api, envoy, false, &stream.replied);
-        stream.worker.metrics.denied(&host, ErrorCode::InternalError);
+        stream
+            .worker
+            .metrics
+            .denied(&host, ErrorCode::InternalError);
         let (method, path) = host.method_and_path();
         host.log(
             LogLevel::Info,

@@ -198,7 +198,8 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout
     // SAFETY: ours, alive until config_destroy.
     let cfg = unsafe { config(p) };
     // SAFETY: Envoy's arrays, valid during this hook (null when empty).
-    let response = unsafe { response(result, headers, headers_size, body_chunks, body_chunks_size) };
+    let response =
+        unsafe { response(result, headers, headers_size, body_chunks, body_chunks_size) };
     quiet("on_http_filter_config_http_callout_done", (), || {
         cfg.on_callout_done(
             CalloutToken(callout_id),
@@ -301,14 +302,18 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_new(
     }
     // SAFETY: ours, alive while streams of it exist.
     let cfg = unsafe { config(p) };
-    quiet("on_http_filter_new", std::ptr::null(), || match cfg.worker() {
-        Some(worker) => Box::into_raw(Box::new(Stream::new(cfg, worker))) as FilterModulePtr,
-        None => {
-            logger::write(
-                LogLevel::Error,
-                format_args!("api-guard: no worker for this config on this thread; stream closed"),
-            );
-            std::ptr::null()
+    quiet("on_http_filter_new", std::ptr::null(), || {
+        match cfg.worker() {
+            Some(worker) => Box::into_raw(Box::new(Stream::new(cfg, worker))) as FilterModulePtr,
+            None => {
+                logger::write(
+                    LogLevel::Error,
+                    format_args!(
+                        "api-guard: no worker for this config on this thread; stream closed"
+                    ),
+                );
+                std::ptr::null()
+            }
         }
     })
 }
@@ -443,7 +448,8 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
     // SAFETY: ours until filter_destroy.
     let s = unsafe { stream(p) };
     // SAFETY: Envoy's arrays, valid during this hook.
-    let response = unsafe { response(result, headers, headers_size, body_chunks, body_chunks_size) };
+    let response =
+        unsafe { response(result, headers, headers_size, body_chunks, body_chunks_size) };
     let token = CalloutToken(callout_id);
     if s.busy.get() {
         // Answered inside our own dispatch: deliver when the running hook is done.

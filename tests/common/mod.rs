@@ -393,7 +393,7 @@ impl EnvoyBuilder {
             "name": "envoy.filters.http.router",
             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
         }));
-        let bootstrap = json!({
+        let mut bootstrap = json!({
             "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
             "static_resources": {
                 "listeners": [{
@@ -424,6 +424,13 @@ impl EnvoyBuilder {
                 "clusters": clusters,
             }
         });
+        if self.delivery == Delivery::Native {
+            // As envoy/demo-native.yaml: Prometheus names without the module's metrics
+            // namespace, the same as the wasm filter's (`api_guard_allowed`).
+            bootstrap["layered_runtime"] = json!({"layers": [{"name": "static", "static_layer": {
+                "envoy.reloadable_features.dynamic_modules_strip_custom_stat_prefix": true
+            }}]});
+        }
         let cfg_path = dir.join("envoy.json");
         std::fs::write(&cfg_path, serde_json::to_vec_pretty(&bootstrap).unwrap()).unwrap();
         let admin_path = dir.join("admin.txt");
@@ -562,6 +569,16 @@ impl Envoy {
     /// The admin `/stats` text.
     pub fn stats(&self) -> String {
         String::from_utf8_lossy(&http(self.admin_port, "GET", "/stats").send().body).into_owned()
+    }
+
+    /// The admin `/stats/prometheus` text.
+    pub fn prometheus(&self) -> String {
+        String::from_utf8_lossy(
+            &http(self.admin_port, "GET", "/stats/prometheus")
+                .send()
+                .body,
+        )
+        .into_owned()
     }
 
     /// Open connections per worker on the ingress listener (`listener.*.worker_N.
