@@ -650,3 +650,45 @@ fn bodies_over_max_body_bytes_get_413_also_when_chunked() {
         5
     );
 }
+
+/// With Envoy's default `allow_on_headers_stop_iteration: false`, holding the request at its
+/// headers also withholds the body from the filter, so a webhook request can only time out.
+/// The filter cannot change that, but it says so in Envoy's log, naming the setting.
+#[test]
+fn without_allow_on_headers_stop_iteration_the_hang_is_logged_with_the_setting_name() {
+    let envoy = Envoy::builder(&config())
+        .env("GITHUB_WEBHOOK_SECRET", GH_SECRET)
+        .allow_on_headers_stop_iteration(false)
+        .routes(vec![serde_json::json!({
+            "name": "short-timeout",
+            "match": {"prefix": "/"},
+            "route": {"cluster": "upstream", "timeout": "2s"}
+        })])
+        .start();
+    let body = br#"{"action":"opened"}"#;
+    let started = std::time::Instant::now();
+    let r = envoy
+        .req("POST", "/webhooks/github")
+        .header("x-hub-signature-256", &github_sig(GH_SECRET, body))
+        .header("content-type", "application/json")
+        .body(body.to_vec())
+        .timeout(Duration::from_secs(10))
+        .send_opt();
+    // Never verified, never forwarded: the route timeout ends it.
+    let status = r.as_ref().map(|r| r.status);
+    assert_ne!(status, Some(200), "the body reached the filter after all");
+    assert!(started.elapsed() >= Duration::from_millis(1500), "{status:?}");
+    assert!(envoy.received().is_empty());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let named = |logs: &str| {
+        logs.lines().any(|l| {
+            l.contains("[error]")
+                && l.contains("api-guard")
+                && l.contains("allow_on_headers_stop_iteration: true")
+        })
+    };
+    while !named(&envoy.logs()) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(named(&envoy.logs()), "status {status:?}, log:\n{}", envoy.logs());
+}

@@ -102,6 +102,7 @@ pub struct EnvoyBuilder {
     xff_num_trusted_hops: u32,
     exact_balance: bool,
     extra_http_filters_before: Vec<Value>,
+    allow_on_headers_stop_iteration: bool,
 }
 
 impl EnvoyBuilder {
@@ -160,6 +161,13 @@ impl EnvoyBuilder {
         self
     }
 
+    /// The Wasm plugin's `allow_on_headers_stop_iteration` (default here: true, as our docs
+    /// require; Envoy's own default is false).
+    pub fn allow_on_headers_stop_iteration(mut self, on: bool) -> Self {
+        self.allow_on_headers_stop_iteration = on;
+        self
+    }
+
     /// Start Envoy; panics with Envoy's log if it does not become ready.
     pub fn start(self) -> Envoy {
         match self.try_start() {
@@ -199,7 +207,7 @@ impl EnvoyBuilder {
                     "root_id": "api_guard",
                     // Pause from request headers = StopIteration, so body callbacks still
                     // run (webhook signatures need the body before anything goes upstream).
-                    "allow_on_headers_stop_iteration": true,
+                    "allow_on_headers_stop_iteration": self.allow_on_headers_stop_iteration,
                     "configuration": {
                         "@type": "type.googleapis.com/google.protobuf.StringValue",
                         "value": self.filter_config,
@@ -315,6 +323,7 @@ impl Envoy {
             xff_num_trusted_hops: 0,
             exact_balance: false,
             extra_http_filters_before: Vec::new(),
+            allow_on_headers_stop_iteration: true,
         }
     }
 
