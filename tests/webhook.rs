@@ -652,8 +652,11 @@ fn bodies_over_max_body_bytes_get_413_also_when_chunked() {
 }
 
 /// With Envoy's default `allow_on_headers_stop_iteration: false`, holding the request at its
-/// headers also withholds the body from the filter, so a webhook request can only time out.
-/// The filter cannot change that, but it says so in Envoy's log, naming the setting.
+/// headers also withholds the body from the filter (no body callback ever comes), and the
+/// router never sees the request, so even the route timeout never starts: the request hangs
+/// until the client gives up (or the connection manager's stream idle timeout, 5 minutes by
+/// default). The filter cannot change that, but when the stream ends it says so in Envoy's
+/// log, naming the setting.
 #[test]
 fn without_allow_on_headers_stop_iteration_the_hang_is_logged_with_the_setting_name() {
     let envoy = Envoy::builder(&config())
@@ -662,7 +665,7 @@ fn without_allow_on_headers_stop_iteration_the_hang_is_logged_with_the_setting_n
         .routes(vec![serde_json::json!({
             "name": "short-timeout",
             "match": {"prefix": "/"},
-            "route": {"cluster": "upstream", "timeout": "2s"}
+            "route": {"cluster": "upstream", "timeout": "1s"}
         })])
         .start();
     let body = br#"{"action":"opened"}"#;
@@ -672,12 +675,11 @@ fn without_allow_on_headers_stop_iteration_the_hang_is_logged_with_the_setting_n
         .header("x-hub-signature-256", &github_sig(GH_SECRET, body))
         .header("content-type", "application/json")
         .body(body.to_vec())
-        .timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(3))
         .send_opt();
-    // Never verified, never forwarded: the route timeout ends it.
+    // No answer at all, not even the route timeout's 504: the client gave up.
     let status = r.as_ref().map(|r| r.status);
-    assert_ne!(status, Some(200), "the body reached the filter after all");
-    assert!(started.elapsed() >= Duration::from_millis(1500), "{status:?}");
+    assert_eq!(status, None, "Envoy answered after {:?}", started.elapsed());
     assert!(envoy.received().is_empty());
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let named = |logs: &str| {
@@ -690,5 +692,5 @@ fn without_allow_on_headers_stop_iteration_the_hang_is_logged_with_the_setting_n
     while !named(&envoy.logs()) && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(named(&envoy.logs()), "status {status:?}, log:\n{}", envoy.logs());
+    assert!(named(&envoy.logs()), "log:\n{}", envoy.logs());
 }
