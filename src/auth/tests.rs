@@ -955,8 +955,7 @@ fn a_rotated_key_fetched_by_one_worker_is_seen_by_the_other_at_once() {
         json!({"keys": keys.iter().map(|k| k.jwk()).collect::<Vec<_>>()}).to_string()
     };
     let algs = AlgSet::of(&[Alg::ES256]);
-    remote_jwks::store_result(&store, &prefix, algs, Some(set(&[&k1]).as_bytes()), NOW_MS)
-        .unwrap();
+    remote_jwks::store_result(&store, &prefix, algs, Some(set(&[&k1]).as_bytes()), NOW_MS).unwrap();
     let token = |k: &SigningKey| {
         let claims = json!({"sub": "u", "exp": NOW_S + 600});
         bearer(&k.sign(claims.as_object().unwrap()).unwrap())
