@@ -3,10 +3,11 @@
 //! With `xff_trusted_hops = 0` the client is the downstream peer (`source.address`). With N > 0
 //! it is the Nth `x-forwarded-for` entry from the right, as Envoy's `xff_num_trusted_hops`
 //! counts them: over the header as it arrived at Envoy. With the connection manager's
-//! `use_remote_address: true` (the shipped configs; `client_ip.use_remote_address`, default
-//! true, says so) Envoy appends one entry before the filter runs — the peer, or for a loopback
-//! peer Envoy's own local address — so the last entry is skipped. Entries left of the trusted
-//! ones are client-controlled and never looked at.
+//! `use_remote_address: true` Envoy appends one entry before the filter runs — the peer, or for
+//! a loopback peer Envoy's own local address — so the last entry is skipped. The filter cannot
+//! see that setting, so with N > 0 the config must say it (`client_ip.use_remote_address` has
+//! no default: guessing wrong lets the client pick its own address). Entries left of the
+//! trusted ones are client-controlled and never looked at.
 
 /// Strips the port from `source.address` (`1.2.3.4:5678`, `[::1]:80`).
 pub fn strip_port(addr: &str) -> &str {

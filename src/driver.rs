@@ -162,9 +162,11 @@ impl Driver {
     }
 
     /// The stream is over. A webhook request whose body never reached the filter means
-    /// Envoy held it back: with `allow_on_headers_stop_iteration: false` (Envoy's default
-    /// for proxy-wasm) pausing at the headers stops the body callbacks too, and the request
-    /// hangs until a timeout. Said loudly, once per worker.
+    /// Envoy held it back: with `allow_on_headers_stop_iteration: false` (Envoy's default for
+    /// proxy-wasm) pausing at the headers withholds the body callbacks too, the router never
+    /// sees the request (so not even the route timeout starts), and it hangs until the
+    /// client gives up. Said loudly, once per worker (a client that leaves before sending its
+    /// body looks the same, hence the hedged wording).
     pub fn on_done<H: Host + ?Sized>(&mut self, host: &mut H) {
         if pipeline::waits_for_body(&self.ex)
             && !self.body_seen
@@ -175,9 +177,10 @@ impl Driver {
                 LogLevel::Error,
                 format_args!(
                     "api-guard: a request on webhook route '{}' ended without its body ever \
-                     reaching the filter. If every webhook request hangs until a timeout, set \
-                     `allow_on_headers_stop_iteration: true` in the Wasm plugin config (Envoy's \
-                     default false withholds the body while the filter holds the headers)",
+                     reaching the filter. If webhook requests hang with no answer until the \
+                     client gives up, set `allow_on_headers_stop_iteration: true` in the Wasm \
+                     plugin config: with Envoy's default (false), holding the request headers \
+                     also withholds the body from the filter",
                     self.ex.route_name(&self.worker.config)
                 ),
             );

@@ -130,6 +130,12 @@ pub trait Host: Platform {
     fn request_body(&mut self, start: usize, max: usize) -> Vec<u8>;
 
     /// Lets a held request go on (after the driver answered `Pause` and decided later).
+    ///
+    /// This and [`Host::send_response`] are always the driver's last host call in a driver
+    /// call, with its state already final. An ABI that runs filter callbacks synchronously
+    /// inside them (a local reply passing through this filter's response hook, a later
+    /// filter answering at once) must still not re-enter the `Driver` while it is borrowed:
+    /// such a host defers the call until the driver call has returned.
     fn resume_request(&mut self);
 
     /// Answers the request locally; the upstream never sees it.

@@ -21,6 +21,8 @@ pub mod webhook;
 
 #[cfg(not(target_arch = "wasm32"))]
 pub mod echo;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod envoy_check;
 
 #[cfg(target_arch = "wasm32")]
 mod filter;

@@ -650,3 +650,61 @@ fn bodies_over_max_body_bytes_get_413_also_when_chunked() {
         5
     );
 }
+
+/// With Envoy's default `allow_on_headers_stop_iteration: false`, holding the request at its
+/// headers also withholds the body from the filter (no body callback ever comes), and the
+/// router never sees the request, so even the route timeout never starts: the request hangs
+/// until the client gives up (or the connection manager's stream idle timeout, 5 minutes by
+/// default). The filter cannot change that, but when the stream ends it says so in Envoy's
+/// log, naming the setting. (The dynamic module has no such setting: there the request goes
+/// through.)
+#[test]
+fn without_allow_on_headers_stop_iteration_the_hang_is_logged_with_the_setting_name() {
+    let envoy = Envoy::builder(&config())
+        .env("GITHUB_WEBHOOK_SECRET", GH_SECRET)
+        .allow_on_headers_stop_iteration(false)
+        .routes(vec![serde_json::json!({
+            "name": "short-timeout",
+            "match": {"prefix": "/"},
+            "route": {"cluster": "upstream", "timeout": "1s"}
+        })])
+        .start();
+    let body = br#"{"action":"opened"}"#;
+    if envoy.delivery == Delivery::Native {
+        // The dynamic module has no such setting: a native filter holding the headers still
+        // gets the body, so the same request is verified and forwarded.
+        let r = envoy
+            .req("POST", "/webhooks/github")
+            .header("x-hub-signature-256", &github_sig(GH_SECRET, body))
+            .header("content-type", "application/json")
+            .body(body.to_vec())
+            .send();
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(envoy.received().len(), 1);
+        return;
+    }
+    let started = std::time::Instant::now();
+    let r = envoy
+        .req("POST", "/webhooks/github")
+        .header("x-hub-signature-256", &github_sig(GH_SECRET, body))
+        .header("content-type", "application/json")
+        .body(body.to_vec())
+        .timeout(Duration::from_secs(3))
+        .send_opt();
+    // No answer at all, not even the route timeout's 504: the client gave up.
+    let status = r.as_ref().map(|r| r.status);
+    assert_eq!(status, None, "Envoy answered after {:?}", started.elapsed());
+    assert!(envoy.received().is_empty());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let named = |logs: &str| {
+        logs.lines().any(|l| {
+            l.contains("[error]")
+                && l.contains("api-guard")
+                && l.contains("allow_on_headers_stop_iteration: true")
+        })
+    };
+    while !named(&envoy.logs()) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(named(&envoy.logs()), "log:\n{}", envoy.logs());
+}

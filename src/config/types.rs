@@ -33,7 +33,7 @@ pub struct RawConfig {
     pub default_route: Option<PolicyConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientIpConfig {
     #[serde(default)]
@@ -43,15 +43,6 @@ pub struct ClientIpConfig {
     /// cannot see the connection manager, and a wrong guess lets clients pick their own IP,
     /// so it must be given whenever `xff_trusted_hops > 0` (validated in `config::compile`).
     pub use_remote_address: Option<bool>,
-}
-
-impl Default for ClientIpConfig {
-    fn default() -> Self {
-        Self {
-            xff_trusted_hops: 0,
-            use_remote_address: None,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

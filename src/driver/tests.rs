@@ -1,1 +1,497 @@
+//! The whole request path through the driver on an in-memory host: what Envoy would see
+//! (local replies, upstream headers, callouts, resumes, response headers, logs, counters).
 
+use super::*;
+use crate::auth::mint::SigningKey;
+use crate::host::testing::FakeHost;
+use crate::host::OwnedResponse;
+use serde_json::{json, Value};
+
+fn worker(cfg: Value, host: &mut FakeHost) -> Rc<Worker> {
+    let json = cfg.to_string();
+    let env = |name: &str| (name == "HOOK_SECRET").then(|| GH_SECRET.to_string());
+    Rc::new(Worker::configure(json.as_bytes(), &env, host).expect("valid config"))
+}
+
+fn ok(status: u32, body: &str) -> OwnedResponse {
+    OwnedResponse {
+        status: Some(status),
+        body: body.as_bytes().to_vec(),
+    }
+}
+
+fn sent(host: &FakeHost) -> &crate::host::testing::SentResponse {
+    host.sent.as_ref().expect("a local response")
+}
+
+fn error_code(host: &FakeHost) -> String {
+    let v: Value = serde_json::from_str(&sent(host).body_text()).unwrap();
+    v["error"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn an_allowed_request_goes_upstream_with_one_header_read_and_gets_security_headers() {
+    let mut h = FakeHost::new();
+    let w = worker(json!({}), &mut h);
+    h.request(
+        "GET",
+        "/x",
+        &[("x-auth-subject", "admin"), ("x-request-id", "r1")],
+    );
+    let mut d = Driver::new(Rc::clone(&w));
+    assert_eq!(d.on_request_headers(&mut h, true), Action::Continue);
+    assert!(h.sent.is_none());
+    assert_eq!(
+        h.request_header("x-auth-subject"),
+        None,
+        "spoofed identity stripped"
+    );
+    assert_eq!(h.counter("api_guard.allowed"), 1);
+    // The hot path reads the header map and the source address once each.
+    assert_eq!((h.header_reads, h.attribute_reads), (1, 1));
+    h.response_headers = vec![("x-frame-options".into(), "SAMEORIGIN".into())];
+    assert_eq!(d.on_response_headers(&mut h), Action::Continue);
+    assert_eq!(
+        h.response_header_values("x-frame-options"),
+        ["SAMEORIGIN"],
+        "upstream's kept"
+    );
+    assert_eq!(
+        h.response_header_values("x-content-type-options"),
+        ["nosniff"]
+    );
+    d.on_done(&mut h);
+    assert_eq!(h.logged(LogLevel::Error, ""), 0);
+}
+
+#[test]
+fn a_cors_preflight_is_answered_locally_and_counted() {
+    let mut h = FakeHost::new();
+    let w = worker(
+        json!({"cors": {"allow_origins": ["https://app.test"], "allow_methods": ["GET", "POST"],
+                        "allow_headers": ["authorization"], "max_age_s": 60}}),
+        &mut h,
+    );
+    h.request(
+        "OPTIONS",
+        "/api",
+        &[
+            ("origin", "https://app.test"),
+            ("access-control-request-method", "POST"),
+        ],
+    );
+    let mut d = Driver::new(w);
+    assert_eq!(d.on_request_headers(&mut h, true), Action::Pause);
+    let r = sent(&h);
+    assert_eq!(r.status, 204);
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://app.test")
+    );
+    assert_eq!(r.body, None);
+    assert_eq!(h.counter("api_guard.answered"), 1);
+    assert_eq!(h.counter("api_guard.allowed"), 0);
+    // A local answer gets no second pass over response headers.
+    h.response_headers.clear();
+    d.on_response_headers(&mut h);
+    assert!(h.response_headers.is_empty());
+}
+
+fn jwt_config(key: &SigningKey) -> Value {
+    json!({
+        "jwt_providers": {"main": {"issuer": "https://idp.test", "algorithms": ["ES256"],
+                                   "local_jwks": {"keys": [key.jwk()]}}},
+        "routes": [{"name": "api", "match": {"prefix": "/api"},
+                    "auth": {"mode": "required", "methods": ["jwt:main"]}}]
+    })
+}
+
+fn token(key: &SigningKey, host: &FakeHost) -> String {
+    let claims = json!({"iss": "https://idp.test", "sub": "user-7",
+                        "exp": host.now.get() / 1000 + 600});
+    format!("Bearer {}", key.sign(claims.as_object().unwrap()).unwrap())
+}
+
+#[test]
+fn a_valid_jwt_is_forwarded_with_the_verified_identity() {
+    let key = SigningKey::generate("ES256", "k1").unwrap();
+    let mut h = FakeHost::new();
+    let w = worker(jwt_config(&key), &mut h);
+    let bearer = token(&key, &h);
+    h.request(
+        "GET",
+        "/api/orders",
+        &[("authorization", &bearer), ("x-auth-subject", "root")],
+    );
+    assert_eq!(
+        Driver::new(w).on_request_headers(&mut h, true),
+        Action::Continue
+    );
+    assert_eq!(h.request_header("x-auth-subject"), Some("user-7"));
+    assert!(h
+        .request_header("x-request-id")
+        .is_some_and(|id| id.len() == 36));
+    assert_eq!(h.counter("api_guard.allowed"), 1);
+}
+
+#[test]
+fn a_bad_jwt_gets_401_a_deny_log_and_a_counter() {
+    let key = SigningKey::generate("ES256", "k1").unwrap();
+    let other = SigningKey::generate("ES256", "k1").unwrap();
+    let mut h = FakeHost::new();
+    let w = worker(jwt_config(&key), &mut h);
+    let forged = token(&other, &h);
+    h.request("GET", "/api/orders?q=1", &[("authorization", &forged)]);
+    let mut d = Driver::new(w);
+    assert_eq!(d.on_request_headers(&mut h, true), Action::Pause);
+    assert_eq!(sent(&h).status, 401);
+    assert_eq!(error_code(&h), "invalid_token");
+    assert!(sent(&h).header("www-authenticate").is_some());
+    assert_eq!(h.counter("api_guard.denied.invalid_token"), 1);
+    assert_eq!(h.counter("api_guard.allowed"), 0);
+    assert_eq!(h.logged(LogLevel::Info, "invalid_token"), 1, "{:?}", h.logs);
+    assert_eq!(h.logged(LogLevel::Info, "/api/orders"), 1);
+    // A body arriving after the reply is not forwarded.
+    assert_eq!(d.on_request_body(&mut h, 10, true), Action::Pause);
+}
+
+#[test]
+fn the_rate_limit_answers_429_once_the_bucket_is_empty() {
+    let mut h = FakeHost::new();
+    let w = worker(
+        json!({"rate_limits": {"per-ip": {"key": ["ip"], "capacity": 2, "refill_tokens": 1,
+                                          "refill_period_s": 60}},
+               "default_route": {"rate_limits": ["per-ip"]}}),
+        &mut h,
+    );
+    for _ in 0..2 {
+        h.request("GET", "/", &[]);
+        let mut d = Driver::new(Rc::clone(&w));
+        assert_eq!(d.on_request_headers(&mut h, true), Action::Continue);
+        d.on_response_headers(&mut h);
+        assert_eq!(
+            h.response_header_values("ratelimit").len(),
+            1,
+            "{:?}",
+            h.response_headers
+        );
+    }
+    h.request("GET", "/", &[]);
+    assert_eq!(
+        Driver::new(Rc::clone(&w)).on_request_headers(&mut h, true),
+        Action::Pause
+    );
+    assert_eq!(sent(&h).status, 429);
+    assert_eq!(error_code(&h), "rate_limit_exceeded");
+    assert!(sent(&h).header("retry-after").is_some());
+    assert_eq!(h.counter("api_guard.ratelimit.per-ip.allowed"), 2);
+    assert_eq!(h.counter("api_guard.ratelimit.per-ip.denied"), 1);
+    assert_eq!(h.counter("api_guard.denied.rate_limit_exceeded"), 1);
+}
+
+fn quota_config(mode: &str) -> Value {
+    json!({
+        "quota": {"cluster": "quota", "timeout_ms": 80, "failure_mode": mode,
+                  "breaker": {"failures": 2, "open_ms": 5000}},
+        "routes": [{"name": "orders", "match": {"prefix": "/api"}, "quota": true, "cost": 3}]
+    })
+}
+
+#[test]
+fn a_quota_answer_resumes_the_held_request_with_its_headers() {
+    let mut h = FakeHost::new();
+    let w = worker(quota_config("deny"), &mut h);
+    h.request("GET", "/api/x", &[]);
+    let mut d = Driver::new(w);
+    assert_eq!(d.on_request_headers(&mut h, true), Action::Pause);
+    let call = h.callouts.last().unwrap().clone();
+    assert_eq!(call.cluster, "quota");
+    assert_eq!(call.timeout_ms, 80);
+    assert_eq!(call.header(":path"), Some("/v1/check"));
+    let body: Value = serde_json::from_slice(call.body.as_deref().unwrap()).unwrap();
+    assert_eq!(
+        (body["route"].as_str(), body["cost"].as_u64()),
+        (Some("orders"), Some(3))
+    );
+    // Body bytes arriving during the callout are held, not forwarded.
+    assert_eq!(d.on_request_body(&mut h, 4, false), Action::Pause);
+    let answer = ok(
+        200,
+        r#"{"allowed":true,"headers":{"x-quota-remaining":"4"}}"#,
+    );
+    d.on_callout_done(&mut h, call.token, Some(&answer));
+    assert_eq!(h.resumed, 1);
+    assert!(h.sent.is_none());
+    assert_eq!(d.on_request_body(&mut h, 8, true), Action::Continue);
+    d.on_response_headers(&mut h);
+    assert_eq!(h.response_header_values("x-quota-remaining"), ["4"]);
+}
+
+#[test]
+fn a_quota_denial_is_the_services_reply() {
+    let mut h = FakeHost::new();
+    let w = worker(quota_config("allow"), &mut h);
+    h.request("GET", "/api/x", &[]);
+    let mut d = Driver::new(w);
+    d.on_request_headers(&mut h, true);
+    let token = h.callouts[0].token;
+    let answer = ok(
+        200,
+        r#"{"allowed":false,"status":402,"error":"quota_exceeded","message":"used up","retry_after_s":60,"reset_at":"2024-03-01T00:00:00Z"}"#,
+    );
+    // Another token (a stale or foreign callout) changes nothing.
+    d.on_callout_done(&mut h, CalloutToken(999), Some(&answer));
+    assert!(h.sent.is_none());
+    d.on_callout_done(&mut h, token, Some(&answer));
+    assert_eq!(sent(&h).status, 402);
+    assert_eq!(error_code(&h), "quota_exceeded");
+    assert_eq!(h.resumed, 0);
+}
+
+#[test]
+fn quota_failures_apply_failure_mode_and_open_the_breaker() {
+    let mut h = FakeHost::new();
+    let w = worker(quota_config("deny"), &mut h);
+    // 1: no answer (timeout); 2: an oversized answer whose body is never read.
+    for answer in [
+        None,
+        Some(ok(200, &"x".repeat(quota_client::MAX_ANSWER_BYTES + 1))),
+    ] {
+        h.request("GET", "/api/x", &[]);
+        let mut d = Driver::new(Rc::clone(&w));
+        assert_eq!(d.on_request_headers(&mut h, true), Action::Pause);
+        let token = h.callouts.last().unwrap().token;
+        d.on_callout_done(&mut h, token, answer.as_ref().map(|a| a as _));
+        assert_eq!(sent(&h).status, 503);
+        assert_eq!(error_code(&h), "quota_unavailable");
+    }
+    // Two failures opened the breaker: no callout, an answer at once.
+    h.request("GET", "/api/x", &[]);
+    assert_eq!(
+        Driver::new(Rc::clone(&w)).on_request_headers(&mut h, true),
+        Action::Pause
+    );
+    assert_eq!(h.callouts.len(), 2);
+    assert_eq!(sent(&h).status, 503);
+    assert_eq!(h.counter("api_guard.quota.unavailable"), 3);
+    // After open_ms one probe calls again; its success closes the breaker.
+    h.now.set(h.now.get() + 5001);
+    h.request("GET", "/api/x", &[]);
+    let mut d = Driver::new(Rc::clone(&w));
+    assert_eq!(d.on_request_headers(&mut h, true), Action::Pause);
+    assert_eq!(h.callouts.len(), 3);
+    let token = h.callouts[2].token;
+    d.on_callout_done(&mut h, token, Some(&ok(200, r#"{"allowed":true}"#)));
+    assert_eq!(h.resumed, 1);
+}
+
+#[test]
+fn a_quota_callout_that_cannot_be_dispatched_never_holds_the_request() {
+    let mut h = FakeHost::new();
+    let w = worker(quota_config("allow"), &mut h);
+    h.refuse_callouts = true;
+    h.request("GET", "/api/x", &[]);
+    assert_eq!(
+        Driver::new(w).on_request_headers(&mut h, true),
+        Action::Continue
+    );
+    assert!(h.sent.is_none());
+    assert_eq!(h.counter("api_guard.quota.unavailable"), 1);
+    assert_eq!(h.counter("api_guard.allowed"), 1);
+}
+
+fn remote_jwks_config() -> Value {
+    json!({
+        "jwt_providers": {"idp": {"algorithms": ["ES256"],
+                                  "remote_jwks": {"cluster": "idp", "path": "/jwks.json"}}},
+        "default_route": {"auth": {"mode": "required", "methods": ["jwt:idp"]}}
+    })
+}
+
+#[test]
+fn a_request_fetches_a_missing_jwks_itself_and_is_resumed() {
+    let key = SigningKey::generate("ES256", "r1").unwrap();
+    let mut h = FakeHost::new();
+    let w = worker(remote_jwks_config(), &mut h);
+    let claims = json!({"sub": "u1", "exp": h.now.get() / 1000 + 60});
+    let bearer = format!("Bearer {}", key.sign(claims.as_object().unwrap()).unwrap());
+    h.request("GET", "/x", &[("authorization", &bearer)]);
+    let mut d = Driver::new(Rc::clone(&w));
+    assert_eq!(d.on_request_headers(&mut h, true), Action::Pause);
+    let call = h.callouts[0].clone();
+    assert_eq!(
+        (call.cluster.as_str(), call.header(":path")),
+        ("idp", Some("/jwks.json"))
+    );
+    let jwks = json!({"keys": [key.jwk()]}).to_string();
+    d.on_callout_done(&mut h, call.token, Some(&ok(200, &jwks)));
+    assert_eq!(h.resumed, 1);
+    assert!(h.sent.is_none());
+    assert_eq!(h.request_header("x-auth-subject"), Some("u1"));
+    // The set is shared now: the next request verifies without a callout.
+    h.request("GET", "/x", &[("authorization", &bearer)]);
+    assert_eq!(
+        Driver::new(w).on_request_headers(&mut h, true),
+        Action::Continue
+    );
+    assert_eq!(h.callouts.len(), 1);
+}
+
+/// An answer that must never be copied.
+struct Huge;
+impl CalloutResponse for Huge {
+    fn status(&self) -> Option<u32> {
+        Some(200)
+    }
+    fn body_len(&self) -> usize {
+        10 << 20
+    }
+    fn body(&self) -> Vec<u8> {
+        panic!("an oversized JWKS was copied")
+    }
+}
+
+#[test]
+fn an_oversized_jwks_is_refused_without_being_copied_and_the_request_denied() {
+    let key = SigningKey::generate("ES256", "r1").unwrap();
+    let mut h = FakeHost::new();
+    let w = worker(remote_jwks_config(), &mut h);
+    let claims = json!({"sub": "u1", "exp": h.now.get() / 1000 + 60});
+    let bearer = format!("Bearer {}", key.sign(claims.as_object().unwrap()).unwrap());
+    h.request("GET", "/x", &[("authorization", &bearer)]);
+    let mut d = Driver::new(w);
+    d.on_request_headers(&mut h, true);
+    let token = h.callouts[0].token;
+    d.on_callout_done(&mut h, token, Some(&Huge));
+    assert_eq!(
+        h.logged(LogLevel::Warn, "over the 262144-byte limit"),
+        1,
+        "{:?}",
+        h.logs
+    );
+    assert_eq!(sent(&h).status, 401);
+    assert_eq!(h.resumed, 0);
+}
+
+#[test]
+fn the_worker_refreshes_jwks_in_the_background_when_the_host_has_a_timer() {
+    let key = SigningKey::generate("ES256", "r1").unwrap();
+    let mut h = FakeHost::new();
+    let w = worker(remote_jwks_config(), &mut h);
+    assert!(w.needs_tick());
+    w.refresh_jwks(&mut h);
+    assert_eq!(h.callouts.len(), 1, "a first set is due at once");
+    let jwks = json!({"keys": [key.jwk()]}).to_string();
+    let token = h.callouts[0].token;
+    w.on_callout_done(&mut h, token, Some(&ok(200, &jwks)));
+    assert_eq!(
+        h.logged(LogLevel::Info, "refreshed (1 keys)"),
+        1,
+        "{:?}",
+        h.logs
+    );
+    w.refresh_jwks(&mut h);
+    assert_eq!(h.callouts.len(), 1, "fresh: nothing due");
+    let claims = json!({"sub": "u1", "exp": h.now.get() / 1000 + 60});
+    let bearer = format!("Bearer {}", key.sign(claims.as_object().unwrap()).unwrap());
+    h.request("GET", "/x", &[("authorization", &bearer)]);
+    assert_eq!(
+        Driver::new(w).on_request_headers(&mut h, true),
+        Action::Continue
+    );
+    assert!(!worker(json!({}), &mut FakeHost::new()).needs_tick());
+}
+
+const GH_SECRET: &str = "It's a Secret to Everybody";
+const GH_SIG: &str = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17";
+
+fn webhook_config() -> Value {
+    json!({
+        "webhooks": {"gh": {"scheme": "github", "secrets": [{"env": "HOOK_SECRET"}],
+                            "max_body_bytes": 64}},
+        "routes": [{"name": "hook", "match": {"path": "/hook"}, "auth": {"mode": "none"},
+                    "webhook": "gh"}]
+    })
+}
+
+#[test]
+fn a_webhook_body_is_verified_as_it_streams_then_forwarded() {
+    let mut h = FakeHost::new();
+    let w = worker(webhook_config(), &mut h);
+    h.request("POST", "/hook", &[("x-hub-signature-256", GH_SIG)]);
+    let mut d = Driver::new(w);
+    assert_eq!(d.on_request_headers(&mut h, false), Action::Pause);
+    h.body.extend_from_slice(b"Hello, ");
+    assert_eq!(d.on_request_body(&mut h, 7, false), Action::Pause);
+    h.body.extend_from_slice(b"World!");
+    assert_eq!(d.on_request_body(&mut h, 13, true), Action::Continue);
+    assert!(h.sent.is_none());
+    assert_eq!(h.counter("api_guard.allowed"), 1);
+    d.on_done(&mut h);
+    assert_eq!(h.logged(LogLevel::Error, ""), 0);
+}
+
+#[test]
+fn a_tampered_or_oversized_webhook_body_is_refused_without_reading_past_the_limit() {
+    let mut h = FakeHost::new();
+    let w = worker(webhook_config(), &mut h);
+    h.request("POST", "/hook", &[("x-hub-signature-256", GH_SIG)]);
+    let mut d = Driver::new(Rc::clone(&w));
+    d.on_request_headers(&mut h, false);
+    h.body.extend_from_slice(b"Hello, World?");
+    // Trailers end the body.
+    assert_eq!(d.on_request_body(&mut h, 13, false), Action::Pause);
+    assert_eq!(d.on_request_trailers(&mut h), Action::Pause);
+    assert_eq!(sent(&h).status, 401);
+    assert_eq!(error_code(&h), "invalid_signature");
+
+    h.request("POST", "/hook", &[("x-hub-signature-256", GH_SIG)]);
+    let mut d = Driver::new(w);
+    d.on_request_headers(&mut h, false);
+    h.body = vec![b'a'; 10_000];
+    assert_eq!(d.on_request_body(&mut h, 10_000, false), Action::Pause);
+    assert_eq!(sent(&h).status, 413);
+    assert!(
+        h.largest_body_read <= 65,
+        "read {} bytes",
+        h.largest_body_read
+    );
+}
+
+#[test]
+fn a_webhook_body_that_never_arrives_names_the_envoy_setting_once_per_worker() {
+    let mut h = FakeHost::new();
+    let w = worker(webhook_config(), &mut h);
+    for _ in 0..2 {
+        h.request("POST", "/hook", &[("x-hub-signature-256", GH_SIG)]);
+        let mut d = Driver::new(Rc::clone(&w));
+        assert_eq!(d.on_request_headers(&mut h, false), Action::Pause);
+        // Envoy held the body back; the stream times out.
+        d.on_done(&mut h);
+    }
+    assert_eq!(
+        h.logged(LogLevel::Error, "allow_on_headers_stop_iteration"),
+        1,
+        "{:?}",
+        h.logs
+    );
+    assert_eq!(h.logged(LogLevel::Error, "'hook'"), 1);
+}
+
+#[test]
+fn a_bad_path_is_refused_and_an_invalid_config_is_refused_loudly() {
+    let mut h = FakeHost::new();
+    let w = worker(json!({}), &mut h);
+    h.request("GET", "/a/%2e%2e/%2e%2e/etc", &[]);
+    assert_eq!(
+        Driver::new(w).on_request_headers(&mut h, true),
+        Action::Pause
+    );
+    assert_eq!(sent(&h).status, 400);
+    assert_eq!(h.counter("api_guard.denied.invalid_request"), 1);
+
+    let mut h = FakeHost::new();
+    let err = Worker::configure(br#"{"routes": 7}"#, &|_| None, &mut h).err();
+    assert!(err.is_some());
+    assert_eq!(h.logged(LogLevel::Error, "invalid configuration"), 1);
+}

@@ -52,7 +52,8 @@ pub fn drive<R>(
         let Some(driver) = slot.as_mut() else {
             return None;
         };
-        let mut host = Stream::host(cfg, api, envoy, in_body_hook, &stream.replied);
+        let defer = Some(&stream.pending);
+        let mut host = Stream::host(cfg, api, envoy, in_body_hook, &stream.replied, defer);
         let r = f(driver, &mut host);
         // Callout answers that arrived inside this hook (a dispatch that failed at once).
         loop {
@@ -63,7 +64,7 @@ pub fn drive<R>(
             let Some((token, response)) = next else {
                 break;
             };
-            let mut host = Stream::host(cfg, api, envoy, false, &stream.replied);
+            let mut host = Stream::host(cfg, api, envoy, false, &stream.replied, defer);
             driver.on_callout_done(
                 &mut host,
                 token,
@@ -74,7 +75,10 @@ pub fn drive<R>(
     }));
     stream.busy.set(false);
     match out {
-        Ok(Some(r)) => r,
+        Ok(Some(r)) => {
+            stream.run_pending(api, envoy);
+            r
+        }
         Ok(None) => {
             // Poisoned, or never had a driver: a request that reaches us like this must
             // not go upstream unchecked.
@@ -85,6 +89,8 @@ pub fn drive<R>(
             skip
         }
         Err(payload) => {
+            // What the broken driver asked for is dropped with it.
+            stream.pending.borrow_mut().clear();
             handle_panic(stream, api, envoy, phase, payload.as_ref());
             on_panic
         }
@@ -138,7 +144,7 @@ pub fn handle_panic(
 
 fn count(stream: &Stream, api: &'static Callbacks, envoy: FilterEnvoyPtr) {
     let _ = catch_unwind(AssertUnwindSafe(|| {
-        let host = Stream::host(stream.config(), api, envoy, false, &stream.replied);
+        let host = Stream::host(stream.config(), api, envoy, false, &stream.replied, None);
         stream
             .worker
             .metrics
@@ -160,7 +166,7 @@ fn reply_internal_error(
     )
     .with_policy(why);
     let full = catch_unwind(AssertUnwindSafe(|| {
-        let mut host = Stream::host(stream.config(), api, envoy, false, &stream.replied);
+        let mut host = Stream::host(stream.config(), api, envoy, false, &stream.replied, None);
         stream
             .worker
             .metrics
@@ -187,7 +193,7 @@ fn reply_internal_error(
         host.send_response(reply.status, &refs, Some(&reply.body()));
     }));
     if full.is_err() && !stream.replied.get() {
-        let mut host = Stream::host(stream.config(), api, envoy, false, &stream.replied);
+        let mut host = Stream::host(stream.config(), api, envoy, false, &stream.replied, None);
         host.send_response(
             500,
             &[

@@ -32,6 +32,21 @@ pub struct Stream {
     pub busy: Cell<bool>,
     /// Callout answers that arrived while `busy`, delivered when the running hook is done.
     pub deferred: RefCell<Vec<(CalloutToken, Option<OwnedResponse>)>>,
+    /// Resumes and local replies the driver asked for, carried out once the driver call has
+    /// returned (`host::Host::resume_request`): Envoy runs filter callbacks synchronously
+    /// inside them (a local reply passes through our response hook at once), and those must
+    /// find the driver free.
+    pub pending: RefCell<Vec<Deferred>>,
+}
+
+/// A host call held until the driver call returns.
+pub enum Deferred {
+    Resume,
+    Respond {
+        status: u32,
+        headers: Vec<(String, String)>,
+        body: Option<Vec<u8>>,
+    },
 }
 
 impl Stream {
@@ -43,6 +58,29 @@ impl Stream {
             replied: Cell::new(false),
             busy: Cell::new(false),
             deferred: RefCell::new(Vec::new()),
+            pending: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// Carries out the held resumes and replies (call with the driver free).
+    pub fn run_pending(&self, api: &'static Callbacks, envoy: FilterEnvoyPtr) {
+        let pending = std::mem::take(&mut *self.pending.borrow_mut());
+        for p in pending {
+            let mut host = Stream::host(self.config(), api, envoy, false, &self.replied, None);
+            match p {
+                Deferred::Resume => host.resume_request(),
+                Deferred::Respond {
+                    status,
+                    headers,
+                    body,
+                } => {
+                    let refs: Vec<(&str, &str)> = headers
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_str()))
+                        .collect();
+                    host.send_response(status, &refs, body.as_deref());
+                }
+            }
         }
     }
 
@@ -59,6 +97,7 @@ impl Stream {
         envoy: FilterEnvoyPtr,
         in_body_hook: bool,
         replied: &'a Cell<bool>,
+        defer: Option<&'a RefCell<Vec<Deferred>>>,
     ) -> StreamHost<'a> {
         StreamHost {
             cfg,
@@ -66,6 +105,7 @@ impl Stream {
             envoy,
             in_body_hook,
             replied,
+            defer,
         }
     }
 }
@@ -78,7 +118,10 @@ pub struct StreamHost<'a> {
     /// Inside `on_http_filter_request_body`: the chunk of this call is readable (as
     /// "received"; Envoy adds it to the buffered body only after the hook returns).
     in_body_hook: bool,
+    /// Set when a local reply went out.
     replied: &'a Cell<bool>,
+    /// While the driver runs: where resumes and replies wait until it has returned.
+    defer: Option<&'a RefCell<Vec<Deferred>>>,
 }
 
 /// Module-owned header views for a call (the strings must outlive it).
@@ -276,11 +319,26 @@ impl Host for StreamHost<'_> {
     }
 
     fn resume_request(&mut self) {
+        if let Some(d) = self.defer {
+            d.borrow_mut().push(Deferred::Resume);
+            return;
+        }
         // SAFETY: `envoy` is alive during the hook.
         unsafe { (self.api.continue_decoding)(self.envoy) };
     }
 
     fn send_response(&mut self, status: u32, headers: &[(&str, &str)], body: Option<&[u8]>) {
+        if let Some(d) = self.defer {
+            d.borrow_mut().push(Deferred::Respond {
+                status,
+                headers: headers
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                body: body.map(<[u8]>::to_vec),
+            });
+            return;
+        }
         let mut hs = module_headers(headers);
         self.replied.set(true);
         // SAFETY: every buffer outlives the call.

@@ -239,6 +239,7 @@ pub struct EnvoyBuilder {
     extra_http_filters_before: Vec<Value>,
     delivery: Delivery,
     module: Option<PathBuf>,
+    allow_on_headers_stop_iteration: bool,
 }
 
 impl EnvoyBuilder {
@@ -311,6 +312,13 @@ impl EnvoyBuilder {
         self
     }
 
+    /// The Wasm plugin's `allow_on_headers_stop_iteration` (default here: true, as our docs
+    /// require; Envoy's own default is false).
+    pub fn allow_on_headers_stop_iteration(mut self, on: bool) -> Self {
+        self.allow_on_headers_stop_iteration = on;
+        self
+    }
+
     /// Start Envoy; panics with Envoy's log if it does not become ready.
     pub fn start(self) -> Envoy {
         match self.try_start() {
@@ -353,7 +361,7 @@ impl EnvoyBuilder {
                         "root_id": "api_guard",
                         // Pause from request headers = StopIteration, so body callbacks still
                         // run (webhook signatures need the body before anything goes upstream).
-                        "allow_on_headers_stop_iteration": true,
+                        "allow_on_headers_stop_iteration": self.allow_on_headers_stop_iteration,
                         "configuration": {
                             "@type": "type.googleapis.com/google.protobuf.StringValue",
                             "value": self.filter_config,
@@ -503,6 +511,7 @@ impl Envoy {
             extra_http_filters_before: Vec::new(),
             delivery: delivery(),
             module: None,
+            allow_on_headers_stop_iteration: true,
         }
     }
 

@@ -1,12 +1,15 @@
-//! `api-guard check`: the filter's own validation, offline.
+//! `api-guard check`: the filter's own validation, offline — on a filter config (JSON), or on
+//! a whole Envoy config (YAML or JSON: bootstrap, listener, LDS resources), where every
+//! api-guard filter is found, validated, and its surroundings linted (`envoy_check`).
 
+use api_guard::envoy_check::{self, Delivery, Severity};
 use std::process::ExitCode;
 
 pub fn run(args: &[String]) -> ExitCode {
     let path = match args {
         [p] => p,
         _ => {
-            eprintln!("usage: api-guard check CONFIG.json");
+            eprintln!("usage: api-guard check CONFIG.json | ENVOY.yaml");
             return ExitCode::from(2);
         }
     };
@@ -17,8 +20,37 @@ pub fn run(args: &[String]) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let yaml = path.ends_with(".yaml") || path.ends_with(".yml");
+    if !yaml {
+        match serde_json::from_slice::<serde_json::Value>(&bytes) {
+            Ok(doc) if envoy_check::looks_like_envoy(&doc) => return envoy(path, &doc),
+            // Not JSON at all: maybe YAML under another name.
+            Err(_)
+                if std::str::from_utf8(&bytes).is_ok_and(|t| !t.trim_start().starts_with('{')) => {}
+            _ => return filter_config(path, &bytes),
+        }
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    match serde_yaml_ng::from_str::<serde_json::Value>(&text) {
+        Ok(doc) => envoy(path, &doc),
+        Err(e) => {
+            eprintln!("error: {path}: not valid YAML: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+fn filter_config(path: &str, bytes: &[u8]) -> ExitCode {
     // Same lookup as the filter: secrets given as {"env": NAME} must be set here too.
-    match api_guard::config::parse(&bytes, &|name| std::env::var(name).ok()) {
+    match api_guard::config::parse(bytes, &|name| std::env::var(name).ok()) {
         Ok((cfg, warnings)) => {
             for w in &warnings {
                 println!("warning: `{}`: {}", w.path, w.message);
@@ -26,14 +58,14 @@ pub fn run(args: &[String]) -> ExitCode {
             println!(
                 "ok: {path} is valid ({} route{}{}, {} warning{})",
                 cfg.routes.len(),
-                if cfg.routes.len() == 1 { "" } else { "s" },
+                plural(cfg.routes.len()),
                 if cfg.default_route.is_some() {
                     " + default_route"
                 } else {
                     ""
                 },
                 warnings.len(),
-                if warnings.len() == 1 { "" } else { "s" },
+                plural(warnings.len()),
             );
             ExitCode::SUCCESS
         }
@@ -41,5 +73,55 @@ pub fn run(args: &[String]) -> ExitCode {
             eprintln!("error: {path}: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn envoy(path: &str, doc: &serde_json::Value) -> ExitCode {
+    let report = envoy_check::check(doc, &|name| std::env::var(name).ok());
+    for f in &report.filters {
+        let kind = match f.delivery {
+            Delivery::Wasm => "wasm filter",
+            Delivery::Module => "dynamic module",
+        };
+        match f.routes {
+            Some(n) => println!(
+                "found: api-guard {kind} at `{}` ({n} route{})",
+                f.path,
+                plural(n)
+            ),
+            None => println!("found: api-guard {kind} at `{}`", f.path),
+        }
+    }
+    for f in &report.findings {
+        let (label, at) = match f.severity {
+            Severity::Error => ("error", &f.path),
+            Severity::Warning => ("warning", &f.path),
+        };
+        let line = if at.is_empty() {
+            format!("{label}: {}", f.message)
+        } else {
+            format!("{label}: `{at}`: {}", f.message)
+        };
+        match f.severity {
+            Severity::Error => eprintln!("{line}"),
+            Severity::Warning => println!("{line}"),
+        }
+    }
+    let (errors, warnings) = (report.errors(), report.warnings());
+    if errors > 0 {
+        eprintln!(
+            "error: {path}: {errors} error{}, {warnings} warning{}",
+            plural(errors),
+            plural(warnings)
+        );
+        ExitCode::FAILURE
+    } else {
+        println!(
+            "ok: {path}: {} api-guard filter{} valid, {warnings} warning{}",
+            report.filters.len(),
+            plural(report.filters.len()),
+            plural(warnings)
+        );
+        ExitCode::SUCCESS
     }
 }

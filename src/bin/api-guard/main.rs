@@ -1,6 +1,7 @@
 //! `api-guard`: the native companion of the filter.
 //!
-//! - `api-guard check CONFIG.json` validates a filter config with the filter's own code.
+//! - `api-guard check CONFIG.json | ENVOY.yaml` validates a filter config with the filter's own
+//!   code, or every api-guard filter in an Envoy config and the settings around it.
 //! - `api-guard demo-upstream [--listen ADDR]` runs the echo upstream used by `make run`.
 //! - `api-guard token [...]` mints demo JWTs and prints the JWKS that accepts them.
 
@@ -10,7 +11,9 @@ mod token;
 use std::process::ExitCode;
 
 const USAGE: &str = "usage:
-  api-guard check CONFIG.json            validate a filter config (exit 0 = valid)
+  api-guard check CONFIG.json | ENVOY.yaml
+                                          validate a filter config, or every api-guard filter in an
+                                          Envoy config and the settings around it (exit 0 = valid)
   api-guard demo-upstream [--listen ADDR] echo upstream for the demo (default 127.0.0.1:8081)
   api-guard token [--alg ALG] [--key FILE] [--jwks] [--sub S] [--scope S] [--claim K=V] ...
                                           mint a demo JWT (see `api-guard token --help`)";
