@@ -132,6 +132,26 @@ pub fn module_headers(headers: &[(&str, &str)]) -> Vec<ModuleHttpHeader> {
         .collect()
 }
 
+/// Up to `max` bytes from offset `start` of the body held as `slices` (in order).
+fn copy_range(slices: &[&[u8]], start: usize, max: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut skip = start;
+    for b in slices {
+        if out.len() >= max {
+            break;
+        }
+        if skip >= b.len() {
+            skip -= b.len();
+            continue;
+        }
+        let rest = &b[skip..];
+        skip = 0;
+        let take = rest.len().min(max - out.len());
+        out.extend_from_slice(&rest[..take]);
+    }
+    out
+}
+
 fn lossy(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -298,24 +318,9 @@ impl Host for StreamHost<'_> {
         if self.in_body_hook {
             slices.extend(self.body_slices(abi::BODY_RECEIVED_REQUEST));
         }
-        let mut out = Vec::new();
-        let mut skip = start;
-        for s in &slices {
-            if out.len() >= max {
-                break;
-            }
-            // SAFETY: slices Envoy filled just now, valid during this hook.
-            let b = unsafe { s.bytes() };
-            if skip >= b.len() {
-                skip -= b.len();
-                continue;
-            }
-            let b = &b[skip..];
-            skip = 0;
-            let take = b.len().min(max - out.len());
-            out.extend_from_slice(&b[..take]);
-        }
-        out
+        // SAFETY: slices Envoy filled just now, valid during this hook.
+        let views: Vec<&[u8]> = slices.iter().map(|s| unsafe { s.bytes() }).collect();
+        copy_range(&views, start, max)
     }
 
     fn resume_request(&mut self) {
@@ -421,5 +426,23 @@ impl AbiResponse<'_> {
             status: self.status(),
             body: self.body(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::copy_range;
+
+    #[test]
+    fn body_ranges_span_slices() {
+        let s: [&[u8]; 3] = [b"abc", b"", b"defgh"];
+        assert_eq!(copy_range(&s, 0, 100), b"abcdefgh");
+        assert_eq!(copy_range(&s, 2, 3), b"cde");
+        assert_eq!(copy_range(&s, 3, 2), b"de");
+        assert_eq!(copy_range(&s, 7, 5), b"h");
+        assert_eq!(copy_range(&s, 8, 5), b"");
+        assert_eq!(copy_range(&s, 100, 5), b"");
+        assert_eq!(copy_range(&s, 1, 0), b"");
+        assert_eq!(copy_range(&[], 0, 4), b"");
     }
 }
