@@ -90,11 +90,14 @@ const SHARDS: usize = 64;
 /// shared data has no bound at all.
 pub const PROCESS_STORE_MAX_KEYS: usize = 1 << 20;
 
+/// One shard: key -> (value, CAS version).
+type Shard = Mutex<HashMap<Box<str>, (Vec<u8>, u32)>>;
+
 /// The store of the native dynamic module: process-wide, shared by every worker thread, with
 /// exactly [`MemoryStore`]'s (and Envoy shared data's) CAS semantics. Keys are spread over
 /// [`SHARDS`] mutexes by hash; no delete, no TTL, as in Envoy.
 pub struct ProcessStore {
-    shards: Vec<Mutex<HashMap<Box<str>, (Vec<u8>, u32)>>>,
+    shards: Vec<Shard>,
     hasher: std::collections::hash_map::RandomState,
     keys: AtomicUsize,
     max_keys: usize,
@@ -136,7 +139,7 @@ impl ProcessStore {
         self.len() == 0
     }
 
-    fn shard(&self, key: &str) -> &Mutex<HashMap<Box<str>, (Vec<u8>, u32)>> {
+    fn shard(&self, key: &str) -> &Shard {
         let mut h = self.hasher.build_hasher();
         h.write(key.as_bytes());
         &self.shards[(h.finish() as usize) % SHARDS]

@@ -49,9 +49,8 @@ pub fn drive<R>(
     let cfg = stream.config();
     let out = catch_unwind(AssertUnwindSafe(|| {
         let mut slot = stream.driver.borrow_mut();
-        let Some(driver) = slot.as_mut() else {
-            return None;
-        };
+        // `None`: poisoned by an earlier panic.
+        let driver = slot.as_mut()?;
         let defer = Some(&stream.pending);
         let mut host = Stream::host(cfg, api, envoy, in_body_hook, &stream.replied, defer);
         let r = f(driver, &mut host);
