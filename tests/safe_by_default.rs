@@ -288,6 +288,21 @@ fn check_finds_every_trap_in_a_whole_envoy_config_and_names_its_path() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(text.contains("0 warnings"), "{text}");
+    // The native demo too (its secret comes from Envoy's environment, as `make run` sets it).
+    let out = cli()
+        .arg("check")
+        .arg(repo.join("envoy/demo-native.yaml"))
+        .env("DEMO_GITHUB_WEBHOOK_SECRET", "demo-webhook-secret")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("found: api-guard dynamic module"), "{text}");
+    assert!(text.contains("0 warnings"), "{text}");
 }
 
 #[test]

@@ -118,7 +118,7 @@ pub fn resolve_secret(s: &Secret, path: &str, env: EnvLookup<'_>) -> Result<Stri
             None => Err(ConfigError::new(
                 path,
                 format!(
-                    "environment variable {name} is not set (Envoy: list it in vm_config.environment_variables)"
+                    "environment variable {name} is not set (wasm filter: list it in vm_config.environment_variables; dynamic module: set it in Envoy's environment)"
                 ),
             )),
         },
