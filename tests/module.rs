@@ -5,8 +5,9 @@
 //! A panic is forced with the debug build's probe (`API_GUARD_DEBUG_PANIC_PATH`: a request
 //! to that path panics inside the driver while it reads the request); the probe is not
 //! compiled into release builds, which the second test checks against the shipped `.so`.
-//! Both run where the harness serves the native delivery (API_GUARD_DELIVERY=native, or the
-//! native run of `both`); the wasm filter has no in-process panic to guard (its VM aborts).
+//! Both load the module explicitly, so they run whenever the native delivery is asked for
+//! (API_GUARD_DELIVERY=native or both); the wasm filter has no in-process panic to guard
+//! (its VM aborts).
 
 mod common;
 use common::*;
@@ -21,8 +22,8 @@ const CFG: &str = r#"{
 const PROBE: &str = "/__api_guard_panic_probe";
 
 fn native_only() -> bool {
-    if delivery() != Delivery::Native {
-        eprintln!("served by the native delivery run (API_GUARD_DELIVERY=native or both)");
+    if !native_requested() {
+        eprintln!("skipped: API_GUARD_DELIVERY=wasm");
         return false;
     }
     true

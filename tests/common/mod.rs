@@ -75,6 +75,11 @@ pub fn delivery() -> Delivery {
     }
 }
 
+/// Whether the native delivery is among those asked for (`native` or `both`).
+pub fn native_requested() -> bool {
+    requested_delivery() != "wasm"
+}
+
 static NATIVE_TWIN: OnceLock<Result<String, String>> = OnceLock::new();
 
 /// With `both`: runs this test binary again for the native delivery, once, and waits for
@@ -238,6 +243,8 @@ pub struct EnvoyBuilder {
     exact_balance: bool,
     extra_http_filters_before: Vec<Value>,
     delivery: Delivery,
+    /// The test chose the delivery itself: no native twin run is needed for it.
+    delivery_chosen: bool,
     module: Option<PathBuf>,
     allow_on_headers_stop_iteration: bool,
 }
@@ -246,12 +253,14 @@ impl EnvoyBuilder {
     /// Load the filter this way (default: [`delivery()`]).
     pub fn delivery(mut self, d: Delivery) -> Self {
         self.delivery = d;
+        self.delivery_chosen = true;
         self
     }
 
     /// The native delivery with this `libapi_guard.so` (e.g. [`debug_module_path`]).
     pub fn module(mut self, so: PathBuf) -> Self {
         self.delivery = Delivery::Native;
+        self.delivery_chosen = true;
         self.module = Some(so);
         self
     }
@@ -329,7 +338,9 @@ impl EnvoyBuilder {
 
     /// Start Envoy; `Err(log)` when it exits or does not become ready by the deadline.
     pub fn try_start(self) -> Result<Envoy, String> {
-        run_native_twin();
+        if !self.delivery_chosen {
+            run_native_twin();
+        }
         let upstream = match self.upstream.clone() {
             Some(u) => u,
             None => EchoServer::start("127.0.0.1:0").expect("start echo upstream"),
@@ -510,6 +521,7 @@ impl Envoy {
             exact_balance: false,
             extra_http_filters_before: Vec::new(),
             delivery: delivery(),
+            delivery_chosen: false,
             module: None,
             allow_on_headers_stop_iteration: true,
         }
