@@ -39,6 +39,9 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENVOY = os.environ.get("ENVOY_BIN", os.path.join(REPO, ".tools/envoy/envoy/_bin/envoy"))
 WASM = os.path.join(REPO, "target/wasm32-wasip1/release/api_guard.wasm")
+# The dynamic module (`make build`): Envoy finds libapi_guard.so through
+# ENVOY_DYNAMIC_MODULES_SEARCH_PATH, set for every Envoy the bench starts.
+MODULE_DIR = os.path.join(REPO, "target/release")
 NOOP_WASM = os.path.join(REPO, "target/bench/wasm32-wasip1/release/bench_noop_filter.wasm")
 TOKENS_BIN = os.path.join(REPO, "target/bench/release/bench-tokens")
 QUOTA_BIN = os.path.join(REPO, "target/release/api-guard-quota")
@@ -68,7 +71,8 @@ ALLOW_HEADERS = ["authorization", "content-type", "x-api-key"]
 ALLOW_METHODS = ["GET", "POST", "PUT", "DELETE"]
 
 # Comparison rows: (title, plain reference, native counterparts (first = the one ratios use),
-# api-guard case). Cases missing from a run are left out of the row.
+# api-guard case). Cases missing from a run are left out of the row. Each api-guard case has
+# a twin run by the dynamic module (`MODULE_OF`), shown in the same row group.
 GROUPS = [
     ("Security headers (5, set if absent)", "plain", ["native-headers"], "ag-headers"),
     ("CORS preflight", "plain-preflight", ["native-cors-preflight"], "ag-cors-preflight"),
@@ -84,6 +88,17 @@ GROUPS = [
     ("Full chain: CORS + JWT + rate limit + headers", "plain",
      ["native-chain-cached", "native-chain"], "ag-chain"),
 ]
+
+
+# api-guard wasm case → the same config loaded as the native dynamic module.
+MODULE_OF = {ag: "mod" + ag[2:] for ag in (
+    "ag-headers", "ag-cors-preflight", "ag-cors", "ag-jwt", "ag-jwt-cold", "ag-ratelimit",
+    "ag-webhook", "ag-quota", "ag-chain-nojwt", "ag-chain")}
+
+
+def group_ags(ag):
+    """The api-guard cases of a group: the wasm filter, then the module."""
+    return [ag] + ([MODULE_OF[ag]] if ag in MODULE_OF else [])
 
 
 def log(msg):
@@ -174,6 +189,21 @@ def wasm_filter(path, config, vm_id):
 
 def api_guard(config):
     return wasm_filter(WASM, config, "api_guard")
+
+
+def api_guard_module(config):
+    """The same config through the dynamic module (SPEC section 7)."""
+    return {
+        "name": "envoy.filters.http.dynamic_modules",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3."
+                     "DynamicModuleFilter",
+            "dynamic_module_config": {"name": "api_guard", "do_not_close": True},
+            "filter_name": "api_guard",
+            "filter_config": {"@type": "type.googleapis.com/google.protobuf.StringValue",
+                              "value": json.dumps(config)},
+        },
+    }
 
 
 def native_headers():
@@ -360,7 +390,7 @@ class Case:
     def __init__(self, cid, label, kind, envoy, request, probes):
         self.id = cid
         self.label = label
-        self.kind = kind  # plain | native | wasm-noop | api-guard
+        self.kind = kind  # plain | native | wasm-noop | api-guard | api-guard-module
         self.envoy = envoy  # key into the Envoy table
         self.request = request
         self.probes = probes  # [(Request, expected status, headers present, headers absent)]
@@ -383,7 +413,7 @@ def envoys(keys, upstream_port, quota_port):
         "default_route": {"auth": {"mode": "required", "methods": ["jwt:main"]},
                           "rate_limits": ["per-client"]},
     }
-    return {
+    out = {
         "plain": B([]),
         "noop": B([wasm_filter(NOOP_WASM, "0 0", "noop")]),
         "noop-calls": B([wasm_filter(NOOP_WASM, f"{HOST_CALLS} 0", "noop")]),
@@ -398,29 +428,35 @@ def envoys(keys, upstream_port, quota_port):
         "native-chain-cached": B([native_cors(), native_jwt(keys, True),
                                           native_ratelimit(), native_headers()], vh_cors),
         "native-chain-nojwt": B([native_cors(), native_ratelimit(), native_headers()], vh_cors),
-        "ag-chain-nojwt": B([api_guard({
+    }
+    ag = {
+        "ag-chain-nojwt": lambda wrap: B([wrap({
             "cors": AG_CORS,
             "rate_limits": {"per-ip": dict(BIG_BUCKET, key=["ip"])},
             "default_route": {"rate_limits": ["per-ip"]}})]),
-        "ag-headers": B([api_guard({"default_route": {}})]),
-        "ag-cors": B([api_guard({"cors": AG_CORS, "default_route": {}})]),
-        "ag-jwt": B([api_guard({
+        "ag-headers": lambda wrap: B([wrap({"default_route": {}})]),
+        "ag-cors": lambda wrap: B([wrap({"cors": AG_CORS, "default_route": {}})]),
+        "ag-jwt": lambda wrap: B([wrap({
             "jwt_providers": ag_jwt_provider(keys),
             "default_route": {"auth": {"mode": "required", "methods": ["jwt:main"]}}})]),
-        "ag-ratelimit": B([api_guard({
+        "ag-ratelimit": lambda wrap: B([wrap({
             "rate_limits": {"per-ip": dict(BIG_BUCKET, key=["ip"])},
             "default_route": {"rate_limits": ["per-ip"]}})]),
-        "ag-webhook": B([api_guard({
+        "ag-webhook": lambda wrap: B([wrap({
             "webhooks": {"github": {"scheme": "github", "secrets": [WEBHOOK_SECRET]}},
             "routes": [{"name": "github", "match": {"methods": ["POST"], "path": "/webhooks/github"},
                         "auth": {"mode": "none"}, "webhook": "github"}],
             "default_route": {}})]),
-        "ag-chain": B([api_guard(chain_ag)]),
-        "ag-quota": bootstrap([api_guard({
+        "ag-chain": lambda wrap: B([wrap(chain_ag)]),
+        "ag-quota": lambda wrap: bootstrap([wrap({
             "quota": {"cluster": "quota", "timeout_ms": 200, "failure_mode": "deny"},
             "default_route": {"quota": True}})],
             upstream_port=upstream_port, extra_clusters=[("quota", quota_port)]),
     }
+    for name, make in list(ag.items()):
+        out[name] = make(api_guard)
+        out["mod" + name[2:]] = make(api_guard_module)
+    return out
 
 
 def cases(keys):
@@ -487,7 +523,11 @@ def cases(keys):
              [(req_webhook(), 200, [], []), (req_webhook("wrong-secret", "probe00001"), 401, [], []),
               (req_webhook(), 401, [], [])]),
     ]
-    return c
+    # The dynamic module runs every api-guard case with the same request and probes.
+    twins = [Case(MODULE_OF[x.id], x.label.replace("api-guard", "api-guard module", 1),
+                  "api-guard-module", "mod" + x.envoy[2:], x.request, x.probes)
+             for x in c if x.id in MODULE_OF]
+    return c + twins
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,6 +547,7 @@ class Envoy:
         self.proc = subprocess.Popen(
             [ENVOY, "-c", cfg, "--concurrency", "1", "--disable-hot-restart",
              "--admin-address-path", admin_path, "-l", "warning"],
+            env=dict(os.environ, ENVOY_DYNAMIC_MODULES_SEARCH_PATH=MODULE_DIR),
             stdin=subprocess.DEVNULL, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT)
         self.port = None
         self.error = None
@@ -967,27 +1008,30 @@ def report(res, path):
             f"{c['cpu_us_per_req']:.1f} |")
 
     ratio_lines = []
-    for title, plain, natives, ag in GROUPS:
-        present = [x for x in [plain] + natives + [ag] if by.get(x, {}).get("rps") is not None]
-        if ag not in present and not any(n in present for n in natives):
+    for title, plain, natives, ag0 in GROUPS:
+        ags = group_ags(ag0)
+        present = [x for x in [plain] + natives + ags if by.get(x, {}).get("rps") is not None]
+        if not any(x in present for x in ags + natives):
             continue
         L.append(f"| **{title}** | | | | | |")
         for x in present:
-            row(by[x], x == ag)
-        a = by.get(ag)
-        if a and a.get("rps") is not None:
+            row(by[x], x in ags)
+        for ag in ags:
+            a = by.get(ag)
+            if not a or a.get("rps") is None:
+                if ag in by and by[ag].get("skip"):
+                    L.append(f"| | {by[ag]['label']}: *not measured: {by[ag]['skip']}* | | | | |")
+                continue
             for ref in natives + [plain]:
                 r = by.get(ref)
                 if not r or r.get("rps") is None:
                     continue
                 ratio_lines.append(
-                    f"| {title} | {r['label']} | {ratio(a['rps'], r['rps'])} | "
+                    f"| {title} | {a['label']} ÷ {r['label']} | {ratio(a['rps'], r['rps'])} | "
                     f"{ratio(a['p50_us'], r['p50_us'])} / {ratio(a['p99_us'], r['p99_us'])} | "
                     f"{ratio(a.get('fr_p50_us'), r.get('fr_p50_us'))} / "
                     f"{ratio(a.get('fr_p99_us'), r.get('fr_p99_us'))} | "
                     f"{ratio(a['cpu_us_per_req'], r['cpu_us_per_req'])} |")
-        elif ag in by and by[ag].get("skip"):
-            L.append(f"| | api-guard: *not measured: {by[ag]['skip']}* | | | | |")
     L.append("")
     if noisy:
         L.append("† p99 at the fixed rate varied more than 5× between rounds: a stall of another "
@@ -996,7 +1040,7 @@ def report(res, path):
         L.append(f"‡ saturates below 1.5× the paced rate ({p['rate']} req/s): its fixed-rate "
                  "latency includes queueing.\n")
     L.append("### Ratios (api-guard ÷ counterpart)\n")
-    L.append("| work | counterpart | throughput | p50 / p99 at saturation | p50 / p99 at fixed "
+    L.append("| work | api-guard ÷ counterpart | throughput | p50 / p99 at saturation | p50 / p99 at fixed "
              "rate | CPU per request |")
     L.append("|---|---|---|---|---|---|")
     L += ratio_lines
@@ -1011,6 +1055,9 @@ def report(res, path):
               ("ag-jwt", "api-guard + JWT (cached)"), ("ag-quota", "api-guard + quota callout"),
               ("ag-webhook", "api-guard, webhook verify"),
               ("ag-chain", "api-guard, full chain")]
+    # The same steps through the dynamic module: no wasm floor under them.
+    ladder += [("mod" + cid[2:], label.replace("api-guard", "module", 1))
+               for cid, label in ladder if cid.startswith("ag-")]
     base = by.get("plain", {}).get("cpu_us_per_req")
     noop = by.get("noop-wasm", {}).get("cpu_us_per_req")
     L.append("Envoy CPU per request (median), each step against plain Envoy and against the "
@@ -1023,7 +1070,7 @@ def report(res, path):
             continue
         v = c["cpu_us_per_req"]
         over_plain = f"+{v - base:.1f}" if base is not None and cid != "plain" else "–"
-        over_noop = f"+{v - noop:.1f}" if noop is not None and cid not in ("plain", "noop-wasm") else "–"
+        over_noop = f"+{v - noop:.1f}" if noop is not None and cid not in ("plain", "noop-wasm") and not cid.startswith("mod-") else "–"
         L.append(f"| {label} | {v:.1f} | {over_plain} | {over_noop} |")
     L.append("")
     profs = res.get("profiles") or []
@@ -1124,26 +1171,28 @@ def analysis(by):
                    f"{floor:.1f} µs of CPU per request over plain Envoy (V8 entry/exit and "
                    "the proxy-wasm ABI: creating the HTTP context, copying the header map "
                    "into the VM). Every api-guard figure includes it.")
-    for title, plain_ref, natives, ag in GROUPS:
-        a = by.get(ag, {})
-        n = next((by[x] for x in natives if by.get(x, {}).get("rps") is not None), None)
-        if a.get("rps") is None or n is None:
-            continue
-        d = a["cpu_us_per_req"] - n["cpu_us_per_req"]
-        tp = a["rps"] / n["rps"]
-        if tp >= 1.0:
-            verdict = f"api-guard is {(tp - 1) * 100:.0f} % faster than {n['label']}"
-        else:
-            verdict = f"api-guard is {(1 - tp) * 100:.0f} % slower than {n['label']}"
-        line = (f"- {title}: {verdict} in throughput; CPU {a['cpu_us_per_req']:.1f} vs "
-                f"{n['cpu_us_per_req']:.1f} µs/request ({d:+.1f} µs)")
-        # Decompose only where api-guard forwards like plain Envoy does (not for preflights,
-        # which it answers itself).
-        if floor is not None and d > 0 and plain_ref == "plain":
-            own = a["cpu_us_per_req"] - noop
-            line += (f"; of api-guard's cost over plain Envoy, {floor:.1f} µs is the wasm "
-                     f"floor and {own:.1f} µs its own logic and host calls")
-        out.append(line + ".")
+    for title, plain_ref, natives, ag0 in GROUPS:
+        for ag in group_ags(ag0):
+            a = by.get(ag, {})
+            n = next((by[x] for x in natives if by.get(x, {}).get("rps") is not None), None)
+            if a.get("rps") is None or n is None:
+                continue
+            who = a["label"].split(",")[0]
+            d = a["cpu_us_per_req"] - n["cpu_us_per_req"]
+            tp = a["rps"] / n["rps"]
+            if tp >= 1.0:
+                verdict = f"{who} is {(tp - 1) * 100:.0f} % faster than {n['label']}"
+            else:
+                verdict = f"{who} is {(1 - tp) * 100:.0f} % slower than {n['label']}"
+            line = (f"- {title}: {verdict} in throughput; CPU {a['cpu_us_per_req']:.1f} vs "
+                    f"{n['cpu_us_per_req']:.1f} µs/request ({d:+.1f} µs)")
+            # Decompose only where api-guard forwards like plain Envoy does (not for
+            # preflights, which it answers itself), and only for the wasm filter.
+            if floor is not None and d > 0 and plain_ref == "plain" and ag == ag0:
+                own = a["cpu_us_per_req"] - noop
+                line += (f"; of api-guard's cost over plain Envoy, {floor:.1f} µs is the wasm "
+                         f"floor and {own:.1f} µs its own logic and host calls")
+            out.append(line + ".")
     if out:
         out.insert(0, "Computed from this run:\n")
         out.append("")
@@ -1235,7 +1284,7 @@ def main():
             if why:
                 c.skip = f"probe failed ({why})"
         if c.skip:
-            if c.kind != "api-guard":
+            if not c.kind.startswith("api-guard"):
                 sys.exit(f"{c.id}: {c.skip}\n{e.log_tail()}")
             log(f"skipping {c.id}: {c.skip}")
     active = [c for c in all_cases if not c.skip]

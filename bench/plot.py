@@ -3,7 +3,8 @@
 
 Three panels sharing one row per configuration: throughput at saturation (median, min–max
 bar), the proxy's CPU time per request, and latency at a fixed rate (p50 bar, p99 tick).
-api-guard rows are orange, Envoy's native filters blue, references grey.
+api-guard rows are orange (the wasm filter) and red (the dynamic module), Envoy's native
+filters blue, references grey.
 """
 
 import json
@@ -15,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 COLORS = {"plain": "#9e9e9e", "wasm-noop": "#c7c7c7", "native": "#1f77b4",
-          "api-guard": "#ff7f0e"}
+          "api-guard": "#ff7f0e", "api-guard-module": "#d62728"}
 
 
 def main(src, dst):
@@ -24,7 +25,8 @@ def main(src, dst):
     # Rows in group order (api-guard last in each group), then anything not in a group.
     order = []
     for _title, plain, natives, ag in res["groups"]:
-        for cid in [plain] + natives + [ag]:
+        # The dynamic module's twin of each api-guard case follows it ("ag-x" → "mod-x").
+        for cid in [plain] + natives + [ag, "mod" + ag[2:]]:
             if cid in by and cid not in order:
                 order.append(cid)
     for cid in by:
