@@ -26,6 +26,10 @@ if [ ! -f target/wasm32-wasip1/release/api_guard.wasm ]; then
   say "building the filter"
   cargo build --release --target wasm32-wasip1 --lib --config 'profile.release.panic="abort"'
 fi
+if [ ! -f target/release/libapi_guard.so ]; then
+  say "building the dynamic module"
+  cargo build --release --lib
+fi
 say "building the bench helpers (no-op wasm filter, bench-tokens)"
 CARGO_TARGET_DIR="$PWD/target/bench" cargo build --quiet --release \
   --manifest-path bench/noop-filter/Cargo.toml --target wasm32-wasip1
