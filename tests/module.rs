@@ -3,8 +3,9 @@
 //! `internal_error` in the SPEC's JSON shape and is counted; the proxy serves the next one.
 //!
 //! A panic is forced with the debug build's probe (`API_GUARD_DEBUG_PANIC_PATH`: a request
-//! to that path panics inside the driver while it reads the request); the probe is not
-//! compiled into release builds, which the second test checks against the shipped `.so`.
+//! to that path panics inside the driver while it reads the request, a response carrying
+//! `x-api-guard-debug-panic` while it reads the response); the probe is not compiled into
+//! release builds, which the last test checks against the shipped `.so`.
 //! Both load the module explicitly, so they run whenever the native delivery is asked for
 //! (API_GUARD_DELIVERY=native or both); the wasm filter has no in-process panic to guard
 //! (its VM aborts).
@@ -73,6 +74,40 @@ fn a_panic_answers_500_internal_error_and_the_proxy_serves_the_next_request() {
 }
 
 #[test]
+fn a_panic_on_the_response_path_resets_that_stream_only() {
+    if !native_only() {
+        return;
+    }
+    let envoy = Envoy::builder(CFG)
+        .module(debug_module_path())
+        .env("API_GUARD_DEBUG_PANIC_PATH", PROBE)
+        .start();
+    // The upstream's answer carries the response probe: the module panics while adding its
+    // response headers, after the request went upstream. The response may be on its way, so
+    // the stream is reset rather than answered: the client gets no 200.
+    let r = envoy
+        .req("GET", "/answer")
+        .header("x-echo-header", "x-api-guard-debug-panic: 1")
+        .timeout(std::time::Duration::from_secs(5))
+        .send_opt();
+    assert!(
+        r.as_ref().is_none_or(|r| r.status != 200),
+        "a response whose handling panicked was delivered: {r:?}"
+    );
+    assert!(envoy.received().iter().any(|r| r.path == "/answer"));
+    for i in 0..3 {
+        let ok = envoy.get(&format!("/next/{i}"));
+        assert_eq!(ok.status, 200, "{}", ok.text());
+        assert_eq!(ok.header("x-content-type-options"), Some("nosniff"));
+    }
+    assert_eq!(envoy.stat("wasmcustom.api_guard.denied.internal_error"), 1);
+    assert!(
+        envoy.logs().contains("api-guard: panic in a Response hook"),
+        "no panic log line"
+    );
+}
+
+#[test]
 fn release_module_has_no_panic_probe() {
     if !native_only() {
         return;
@@ -85,5 +120,10 @@ fn release_module_has_no_panic_probe() {
     let r = envoy.get(PROBE);
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(envoy.received().iter().any(|r| r.path == PROBE));
+    let r = envoy
+        .req("GET", "/answer")
+        .header("x-echo-header", "x-api-guard-debug-panic: 1")
+        .send();
+    assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(envoy.stat("wasmcustom.api_guard.denied.internal_error"), 0);
 }

@@ -43,8 +43,9 @@ pub struct FilterConfig {
     /// touches it: `config_new`, `config_scheduled`, `config_http_callout_done`, destroy.
     main: MainThreadOnly<Worker>,
     ticker: Option<Arc<Mutex<Option<SchedulerHandle>>>>,
-    /// Debug builds only: a request to this path panics inside the driver (the panic-guard
-    /// test). Compiled out of release builds, so no config can turn it on there.
+    /// Debug builds only: a request to this path panics inside the driver, and so does a
+    /// response carrying `x-api-guard-debug-panic` (the panic-guard tests). Compiled out of
+    /// release builds, so nothing can turn it on there.
     #[cfg(debug_assertions)]
     pub panic_probe: Option<String>,
 }

@@ -360,7 +360,14 @@ impl Host for StreamHost<'_> {
     }
 
     fn response_headers(&mut self) -> Vec<(String, String)> {
-        self.headers(abi::HEADER_RESPONSE)
+        let hs = self.headers(abi::HEADER_RESPONSE);
+        // The probe's response-path twin: an upstream answer carrying this header.
+        #[cfg(debug_assertions)]
+        if self.cfg.panic_probe.is_some() && hs.iter().any(|(k, _)| k == "x-api-guard-debug-panic")
+        {
+            panic!("api-guard panic probe (response)");
+        }
+        hs
     }
 
     fn set_response_header(&mut self, name: &str, value: Option<&str>) {
