@@ -48,22 +48,30 @@ fn generic(value: &str) -> Value {
     json!([{"actions": [{"generic_key": {"descriptor_value": value}}]}])
 }
 
+/// A route whose descriptors come from the rate limit filter's per-route config, with a
+/// static `hits_addend`.
+fn per_filter_route(prefix: &str, value: &str, hits: u64) -> Value {
+    json!({
+        "match": {"prefix": prefix},
+        "route": {"cluster": "upstream", "prefix_rewrite": "/healthz", "timeout": "5s"},
+        "typed_per_filter_config": {"envoy.filters.http.ratelimit": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimitPerRoute",
+            "rate_limits": [{"actions": [{"generic_key": {"descriptor_value": value}}],
+                             "hits_addend": {"number": hits}}]
+        }}
+    })
+}
+
 fn routes() -> Vec<Value> {
     vec![
         route("/five", generic("five")),
         route("/burst", generic("burst")),
         route("/shadow", generic("shadow")),
         route("/unlimited", generic("free_for_all")),
-        route(
-            "/cost3",
-            json!([{"actions": [{"generic_key": {"descriptor_value": "credits"}}],
-                    "hits_addend": {"number": 3}}]),
-        ),
-        route(
-            "/peek",
-            json!([{"actions": [{"generic_key": {"descriptor_value": "credits"}}],
-                    "hits_addend": {"number": 0}}]),
-        ),
+        // hits_addend is read from the filter's per-route `rate_limits` (Envoy ignores it in
+        // the route's own `rate_limits`).
+        per_filter_route("/cost3", "credits", 3),
+        per_filter_route("/peek", "credits", 0),
         route(
             "/nested",
             json!([{"actions": [

@@ -414,6 +414,7 @@ impl RateLimitService for RlsService {
         request: tonic::Request<RateLimitRequest>,
     ) -> Result<tonic::Response<RateLimitResponse>, tonic::Status> {
         let started = Instant::now();
+        tracing::debug!(request = ?request.get_ref(), "ShouldRateLimit");
         let r = self.decide(request.get_ref()).await;
         let code = match &r {
             Ok(resp) if resp.overall_code == Code::OverLimit as i32 => RlsCode::over_limit,

@@ -92,7 +92,11 @@ fn port_of(addr: &str) -> u16 {
 
 /// Starts the command and waits (20 s) for `api-guard-quota ready listen=A store=S rls=B`.
 fn spawn_ready(mut cmd: Command) -> (Child, String, String) {
-    cmd.env("RUST_LOG", "warn");
+    // RLS_TEST_LOG=api_guard_quota=debug shows every request the service receives.
+    cmd.env(
+        "RUST_LOG",
+        std::env::var("RLS_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+    );
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -135,8 +139,24 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     s.read_to_end(&mut buf).ok()?;
     let text = String::from_utf8_lossy(&buf).into_owned();
     let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
-    Some((status, body))
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    if !head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return Some((status, body.to_string()));
+    }
+    // Envoy's admin answers chunked: join the chunks.
+    let (mut out, mut rest) = (String::new(), body);
+    loop {
+        let (size, after) = rest.split_once("\r\n")?;
+        let n = usize::from_str_radix(size.trim(), 16).ok()?;
+        if n == 0 {
+            return Some((status, out));
+        }
+        out.push_str(after.get(..n)?);
+        rest = after.get(n + 2..)?;
+    }
 }
 
 /// The Envoy binary: `$ENVOY_BIN`, else the pinned one `make test` installs into `.tools/`.
