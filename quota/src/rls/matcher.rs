@@ -28,7 +28,7 @@ pub fn find<'a>(root: &'a Node, entries: &[(&str, &str)]) -> Option<&'a RateLimi
 }
 
 /// Applies `replaces`: a matched rule named by another matched rule's `replaces` is dropped.
-pub fn apply_replaces<'a>(rules: Vec<Option<&'a RateLimitRule>>) -> Vec<Option<&'a RateLimitRule>> {
+pub fn apply_replaces(rules: Vec<Option<&RateLimitRule>>) -> Vec<Option<&RateLimitRule>> {
     let replaced: Vec<&str> = rules
         .iter()
         .flatten()
@@ -78,9 +78,9 @@ descriptors:
 "#;
 
     fn limit_of(node: &Node, entries: &[(&str, &str)]) -> Option<u64> {
-        find(node, entries).and_then(|r| match &r.limit {
-            Limit::Counted(c) => Some(c.requests_per_unit),
-            Limit::Unlimited => Some(u64::MAX),
+        find(node, entries).map(|r| match &r.limit {
+            Limit::Counted(c) => c.requests_per_unit,
+            Limit::Unlimited => u64::MAX,
         })
     }
 
