@@ -324,6 +324,57 @@ async fn two_replicas_on_one_redis_stay_exact() {
     assert!(ca > 0 && cb > 0, "both replicas answered: {ca} / {cb}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_between_envoy_and_the_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = common::rls::self_signed_cert(dir.path());
+    let (cert_s, key_s) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let svc = RlsProc::start_with(
+        &[("e2e.yaml", CONF)],
+        None,
+        &["--rls-tls-cert", cert_s, "--rls-tls-key", key_s],
+    );
+    let c = reqwest::Client::new();
+    // failure_mode_deny: a failed TLS handshake would answer 500, not 200 or 429.
+    let mut b = bootstrap(
+        ratelimit_filter("e2e", true),
+        routes(),
+        &[svc.rls_port()],
+        svc.http_port(),
+    );
+    assert_eq!(b["static_resources"]["clusters"][0]["name"], "rls");
+    b["static_resources"]["clusters"][0]["transport_socket"] = json!({
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": "localhost",
+            "common_tls_context": {
+                "alpn_protocols": ["h2"],
+                "validation_context": {
+                    "trusted_ca": {"filename": cert_s},
+                    "match_typed_subject_alt_names": [
+                        {"san_type": "DNS", "matcher": {"exact": "localhost"}}
+                    ]
+                }
+            }
+        }
+    });
+    let envoy = Envoy::start(&b);
+    assert_eq!(
+        statuses(&c, &envoy.url("/five"), 7, &[]).await,
+        [200, 200, 200, 200, 200, 429, 429]
+    );
+    drop(envoy);
+    // The same service refuses plaintext: Envoy without TLS gets no answer (500 here).
+    let plain = Envoy::start(&bootstrap(
+        ratelimit_filter("e2e", true),
+        routes(),
+        &[svc.rls_port()],
+        svc.http_port(),
+    ));
+    assert_eq!(get(&c, &plain.url("/five"), &[]).await.status(), 500);
+}
+
 #[test]
 fn example_envoy_config_validates_and_its_rls_config_loads() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");

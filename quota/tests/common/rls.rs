@@ -22,6 +22,11 @@ pub struct RlsProc {
 impl RlsProc {
     /// `files`: (file name, YAML) written to a folder that `--rls-config` points at.
     pub fn start(files: &[(&str, &str)], redis: Option<&str>) -> Self {
+        Self::start_with(files, redis, &[])
+    }
+
+    /// As [`RlsProc::start`], with more command-line arguments.
+    pub fn start_with(files: &[(&str, &str)], redis: Option<&str>, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let conf = dir.path().join("ratelimit");
         std::fs::create_dir(&conf).expect("mkdir");
@@ -38,6 +43,7 @@ impl RlsProc {
         if let Some(r) = redis {
             cmd.arg("--redis").arg(r);
         }
+        cmd.args(extra);
         let (child, http, rls) = spawn_ready(cmd);
         Self {
             http,
@@ -374,4 +380,33 @@ pub fn envoy_validate(path: &std::path::Path) -> Result<(), String> {
             String::from_utf8_lossy(&out.stderr)
         ))
     }
+}
+
+/// A self-signed certificate for `localhost` (P-256) and its key, as PEM files in `dir`:
+/// (cert path, key path). Uses the `openssl` command.
+pub fn self_signed_cert(dir: &std::path::Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "2", "-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=DNS:localhost"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("the TLS test needs the openssl command (apt-get install openssl)");
+    assert!(
+        out.status.success(),
+        "openssl req failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert, key)
 }
