@@ -311,6 +311,16 @@ async fn example_8_wildcard_prefix_and_exact_value_first() {
 }
 
 #[tokio::test]
+async fn share_threshold_wildcard_values_share_one_counter() {
+    let h = harness();
+    assert_eq!(h.admitted("example9", &[("files", "/files/a")], 3).await, 3);
+    assert_eq!(h.admitted("example9", &[("files", "/files/b")], 3).await, 2);
+    // Without share_threshold, each value has its own counter.
+    assert_eq!(h.admitted("example9", &[("files", "/docs/a")], 6).await, 5);
+    assert_eq!(h.admitted("example9", &[("files", "/docs/b")], 6).await, 5);
+}
+
+#[tokio::test]
 async fn hits_addend_request_and_descriptor_level() {
     let h = harness();
     let d = desc(&[("azure", "x")]);

@@ -11,8 +11,9 @@ use std::path::Path;
 pub const MAX_REQUESTS_PER_UNIT: u64 = 1_000_000_000_000;
 const MAX_DEPTH: usize = 16;
 
+/// Read case-insensitively (`second`, `SECOND`), as envoyproxy/ratelimit does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(try_from = "String")]
 pub enum Unit {
     Second,
     Minute,
@@ -49,6 +50,26 @@ impl Unit {
             Unit::Month => "month",
             Unit::Year => "year",
         }
+    }
+}
+
+impl TryFrom<String> for Unit {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "second" => Unit::Second,
+            "minute" => Unit::Minute,
+            "hour" => Unit::Hour,
+            "day" => Unit::Day,
+            "week" => Unit::Week,
+            "month" => Unit::Month,
+            "year" => Unit::Year,
+            _ => {
+                return Err(format!(
+                    "unknown unit `{s}`, expected second, minute, hour, day, week, month or year"
+                ))
+            }
+        })
     }
 }
 
@@ -100,6 +121,9 @@ struct RawDescriptor {
     /// Accepted for compatibility (see `detailed_metric`).
     #[serde(default)]
     value_to_metric: bool,
+    /// With a `value: prefix*` wildcard: every matching value shares one counter.
+    #[serde(default)]
+    share_threshold: bool,
     #[serde(default)]
     descriptors: Vec<RawDescriptor>,
 }
@@ -160,6 +184,9 @@ pub struct Node {
     pub children: HashMap<String, Node>,
     /// Children whose value ends in `*` (a prefix match), as `key_prefix`, in file order.
     pub wildcards: Vec<(String, Node)>,
+    /// `share_threshold: true` on a wildcard: the pattern (`prefix*`) stands for the
+    /// request's value in the counter's key, so all matching values share one counter.
+    pub shared_value: Option<String>,
 }
 
 /// All domains, by name.
@@ -231,12 +258,19 @@ fn build(
             names,
         )?;
         let (children, wildcards) = children;
+        let wildcard = d.value.as_deref().is_some_and(|v| v.ends_with('*'));
+        if d.share_threshold && !wildcard {
+            return Err(format!(
+                "{here}.share_threshold: only for a value ending in * (a wildcard)"
+            ));
+        }
         let node = Node {
             rule,
             children,
             wildcards,
+            shared_value: d.share_threshold.then(|| d.value.clone()).flatten(),
         };
-        if let Some(prefix) = ck.strip_suffix('*').filter(|_| d.value.is_some()) {
+        if let Some(prefix) = ck.strip_suffix('*').filter(|_| wildcard) {
             if wild.iter().any(|(p, _)| p == prefix) {
                 return Err(format!("{here}: duplicate descriptor {ck}"));
             }
@@ -334,6 +368,7 @@ impl RlsConfig {
                 rule: None,
                 children,
                 wildcards,
+                shared_value: None,
             },
         ))
     }
@@ -459,6 +494,10 @@ mod tests {
                 "duplicate descriptor a",
             ),
             ("domain: ''\n", "domain"),
+            (
+                "domain: d\ndescriptors:\n  - key: a\n    value: x\n    share_threshold: true\n",
+                "descriptors[0].share_threshold",
+            ),
             ("descriptors: []\n", "domain"),
             (
                 "domain: d\ndescriptors:\n  - key: a\n    rate_limit: {unit: year, requests_per_unit: 1000000, algorithm: sliding_window}\n",

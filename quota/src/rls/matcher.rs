@@ -6,7 +6,20 @@
 use crate::rls::config::{Node, RateLimitRule};
 
 pub fn find<'a>(root: &'a Node, entries: &[(&str, &str)]) -> Option<&'a RateLimitRule> {
+    find_match(root, entries).map(|m| m.rule)
+}
+
+/// A matched rule, with the entries whose value a `share_threshold` wildcard replaces in the
+/// counter's key (index, pattern).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Match<'a> {
+    pub rule: &'a RateLimitRule,
+    pub shared: Vec<(usize, &'a str)>,
+}
+
+pub fn find_match<'a>(root: &'a Node, entries: &[(&str, &str)]) -> Option<Match<'a>> {
     let mut node = root;
+    let mut shared = Vec::new();
     for (i, (k, v)) in entries.iter().enumerate() {
         let exact = format!("{k}_{v}");
         let next = node
@@ -19,8 +32,11 @@ pub fn find<'a>(root: &'a Node, entries: &[(&str, &str)]) -> Option<&'a RateLimi
                     .map(|(_, n)| n)
             })
             .or_else(|| node.children.get(*k))?;
+        if let Some(p) = &next.shared_value {
+            shared.push((i, p.as_str()));
+        }
         if i + 1 == entries.len() {
-            return next.rule.as_ref();
+            return next.rule.as_ref().map(|rule| Match { rule, shared });
         }
         node = next;
     }
@@ -70,6 +86,10 @@ descriptors:
     rate_limit: {unit: minute, requests_per_unit: 7}
   - key: foo
     rate_limit: {unlimited: true}
+  - key: shared
+    value: ab*
+    share_threshold: true
+    rate_limit: {unit: minute, requests_per_unit: 9}
   - key: key1
     value: a
     rate_limit: {unit: minute, requests_per_unit: 3, name: small}
@@ -100,6 +120,12 @@ descriptors:
         assert_eq!(limit_of(&n, &[("to_number", "2061234567")]), Some(100));
         assert_eq!(limit_of(&n, &[("path", "/api/v1")]), Some(7));
         assert_eq!(limit_of(&n, &[("foo", "x")]), Some(u64::MAX));
+        let m = find_match(&n, &[("shared", "abc")]).unwrap();
+        assert_eq!(m.shared, vec![(0, "ab*")]);
+        assert!(find_match(&n, &[("path", "/api/x")])
+            .unwrap()
+            .shared
+            .is_empty());
     }
 
     #[test]

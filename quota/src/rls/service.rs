@@ -195,11 +195,25 @@ impl RlsService {
                     .collect()
             })
             .collect();
-        let rules: Vec<Option<&RateLimitRule>> = entries
+        let matches: Vec<Option<matcher::Match>> = entries
             .iter()
-            .map(|e| root.and_then(|r| matcher::find(r, e)))
+            .map(|e| root.and_then(|r| matcher::find_match(r, e)))
             .collect();
-        let rules = matcher::apply_replaces(rules);
+        let rules =
+            matcher::apply_replaces(matches.iter().map(|m| m.as_ref().map(|m| m.rule)).collect());
+        // share_threshold: the wildcard pattern stands for the value in the counter's key.
+        let entries: Vec<Vec<(&str, &str)>> = entries
+            .into_iter()
+            .zip(&matches)
+            .map(|(mut e, m)| {
+                for (i, pattern) in m.iter().flat_map(|m| m.shared.iter()) {
+                    if let Some(slot) = e.get_mut(*i) {
+                        slot.1 = pattern;
+                    }
+                }
+                e
+            })
+            .collect();
 
         let mut resolved = Vec::with_capacity(rules.len());
         let mut items: Vec<RlsItem> = Vec::new();
