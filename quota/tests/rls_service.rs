@@ -255,6 +255,13 @@ async fn example_5_shadow_mode_answers_ok_and_counts() {
     assert!(text.contains(
         "api_guard_quota_rls_over_limit_total{domain=\"example5\",key=\"key2_value2\"} 3"
     ));
+    // As envoyproxy/ratelimit counts them: shadow denials are over the limit too.
+    assert!(text.contains(
+        "api_guard_quota_rls_over_limit_total{domain=\"example5\",key=\"key1_value1\"} 3"
+    ));
+    assert!(text.contains(
+        "api_guard_quota_rls_within_limit_total{domain=\"example5\",key=\"key1_value1\"} 1"
+    ));
 }
 
 #[tokio::test]

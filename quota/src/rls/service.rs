@@ -107,7 +107,7 @@ fn duration(ms: u64) -> PbDuration {
 /// What one descriptor resolved to.
 enum Resolved<'a> {
     None,
-    Unlimited(&'a RateLimitRule),
+    Unlimited(&'a RateLimitRule, u64),
     Counted {
         limit: CountedLimit,
         name: Option<String>,
@@ -227,7 +227,7 @@ impl RlsService {
             let counted = match (rule, over) {
                 (Some(r), None) => match &r.limit {
                     Limit::Unlimited => {
-                        resolved.push(Resolved::Unlimited(r));
+                        resolved.push(Resolved::Unlimited(r, hits));
                         continue;
                     }
                     Limit::Counted(c) => Some((c.clone(), r)),
@@ -312,10 +312,10 @@ impl RlsService {
                     code: Code::Ok as i32,
                     ..Default::default()
                 },
-                Resolved::Unlimited(rule) => {
+                Resolved::Unlimited(rule, hits) => {
                     let l = labels(&rule.stat_key);
-                    m.total_hits.get_or_create(&l).inc();
-                    m.within_limit.get_or_create(&l).inc();
+                    m.total_hits.get_or_create(&l).inc_by(*hits);
+                    m.within_limit.get_or_create(&l).inc_by(*hits);
                     DescriptorStatus {
                         code: Code::Ok as i32,
                         limit_remaining: u32::MAX,
@@ -333,17 +333,17 @@ impl RlsService {
                     let res = decision.items[*slot];
                     let l = labels(stat_key);
                     m.total_hits.get_or_create(&l).inc_by(*hits);
-                    if res.over {
+                    // As envoyproxy/ratelimit counts: a shadow-mode denial is over the limit
+                    // (and in shadow_mode), though answered OK.
+                    if res.over || res.shadow_denied {
                         m.over_limit.get_or_create(&l).inc_by(*hits);
-                    } else {
                         if res.shadow_denied {
                             m.shadow_mode.get_or_create(&l).inc_by(*hits);
                         }
+                    } else {
                         m.within_limit.get_or_create(&l).inc_by(*hits);
                         let used = limit.requests_per_unit.saturating_sub(res.remaining);
-                        if u128::from(used) * 10 >= u128::from(limit.requests_per_unit) * 8
-                            && !res.shadow_denied
-                        {
+                        if u128::from(used) * 10 >= u128::from(limit.requests_per_unit) * 8 {
                             m.near_limit.get_or_create(&l).inc_by(*hits);
                         }
                     }
