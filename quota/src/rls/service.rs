@@ -118,6 +118,29 @@ enum Resolved<'a> {
     },
 }
 
+/// Adds a store item and returns its slot. A descriptor identical to an earlier one of the
+/// same request (same counter, same limit) joins it with its hits added: both are decided
+/// together, so two copies of one descriptor take two hits from one counter, exactly.
+fn add_item(items: &mut Vec<RlsItem>, it: RlsItem) -> usize {
+    let same = |a: &RlsItem| {
+        a.key == it.key
+            && Item {
+                hits: it.item.hits,
+                ..a.item
+            } == it.item
+    };
+    if let Some(i) = items.iter().position(same) {
+        let merged = &mut items[i].item;
+        merged.hits = merged
+            .hits
+            .saturating_add(it.item.hits)
+            .min(merged.limit.saturating_add(1));
+        return i;
+    }
+    items.push(it);
+    items.len() - 1
+}
+
 fn invalid(msg: impl Into<String>) -> tonic::Status {
     tonic::Status::invalid_argument(msg.into())
 }
@@ -253,14 +276,14 @@ impl RlsService {
                     match rule {
                         Some(r) => Some((limit, r)),
                         None => {
+                            let it = self.item(&req.domain, ents, &limit, hits, false, now)?;
                             resolved.push(Resolved::Counted {
                                 limit: limit.clone(),
                                 name: None,
                                 stat_key: "_override".into(),
                                 hits,
-                                slot: items.len(),
+                                slot: add_item(&mut items, it),
                             });
-                            items.push(self.item(&req.domain, ents, &limit, hits, false, now)?);
                             continue;
                         }
                     }
@@ -270,14 +293,14 @@ impl RlsService {
             match counted {
                 None => resolved.push(Resolved::None),
                 Some((limit, r)) => {
+                    let it = self.item(&req.domain, ents, &limit, hits, r.shadow_mode, now)?;
                     resolved.push(Resolved::Counted {
                         limit: limit.clone(),
                         name: r.name.clone(),
                         stat_key: r.stat_key.clone(),
                         hits,
-                        slot: items.len(),
+                        slot: add_item(&mut items, it),
                     });
-                    items.push(self.item(&req.domain, ents, &limit, hits, r.shadow_mode, now)?);
                 }
             }
         }
