@@ -203,7 +203,7 @@ impl RlsService {
         }
     }
 
-    /// The whole call, without gRPC (tests and the benchmark call it directly too).
+    /// The whole call, without the gRPC layer (the in-process tests call it directly).
     pub async fn decide(&self, req: &RateLimitRequest) -> Result<RateLimitResponse, tonic::Status> {
         validate(req)?;
         let now = (self.clock)();
