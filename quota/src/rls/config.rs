@@ -514,6 +514,28 @@ mod tests {
     }
 
     #[test]
+    fn hostile_files_are_errors_not_panics() {
+        let mut deep = String::from("domain: d\ndescriptors:\n");
+        for i in 0..20 {
+            let pad = "  ".repeat(2 * i);
+            deep.push_str(&format!("{pad}  - key: k{i}\n{pad}    descriptors:\n"));
+        }
+        let e = parse(&deep).unwrap_err();
+        assert!(e.contains("nested deeper"), "{e}");
+        for text in [
+            "",
+            "- 1",
+            "domain: [",
+            "\u{0}",
+            "domain: d\ndescriptors: 5\n",
+        ] {
+            assert!(parse(text).is_err(), "{text:?}");
+        }
+        let e = parse("domain: d\ndescriptors:\n  - key: ''\n").unwrap_err();
+        assert!(e.contains("descriptors[0].key"), "{e}");
+    }
+
+    #[test]
     fn same_domain_twice_is_refused() {
         let mut c = RlsConfig::default();
         c.add("a.yaml", "domain: d\n").unwrap();
