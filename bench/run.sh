@@ -6,7 +6,9 @@
 # Arguments go to bench/bench.py (e.g. --only plain,ag-cors,native-cors --seconds 2);
 # BENCH_SECONDS, BENCH_ROUNDS, BENCH_FR_ROUNDS, BENCH_RATE, BENCH_ONLY, BENCH_NICE too.
 # Then bench/quota.sh (the quota service's /v1/check against memory and Redis; BENCH_SECS
-# seconds per run, BENCH_QUOTA=0 skips it), whose figures join the report.
+# seconds per run, BENCH_QUOTA=0 skips it), whose figures join the report, and bench/rls.sh
+# (ShouldRateLimit over gRPC, and Envoy's native ratelimit filter against the service;
+# printed and written to target/bench/rls.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,7 +40,7 @@ CARGO_TARGET_DIR="$PWD/target/bench" cargo build --quiet --release \
 if [ "${BENCH_QUOTA:-1}" != 0 ]; then
   say "building the quota service and its load generator"
   cargo build --quiet --release --workspace --bins
-  cargo build --quiet --release -p api-guard-quota --example check_load
+  cargo build --quiet --release -p api-guard-quota --example check_load --example rls_load
 fi
 
 say "running the benchmark"
@@ -52,6 +54,8 @@ if [ "${BENCH_QUOTA:-1}" != 0 ]; then
   out=docs; prev=""
   for arg in "$@"; do [ "$prev" = --out ] && out="$arg"; prev="$arg"; done
   python3 bench/bench.py --out "$out" --add-quota target/bench/quota.json
+  say "running the rate limit service bench (bench/rls.sh)"
+  nice -n "${BENCH_NICE:-0}" bench/rls.sh --json target/bench/rls.json
 fi
 say "drawing docs/benchmarks.png"
 PYTHONPATH="$PY" python3 bench/plot.py docs/benchmarks.json docs/benchmarks.png

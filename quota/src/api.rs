@@ -68,6 +68,23 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Only `/healthz`, `/readyz` and `/metrics`: the HTTP listener of a service started without
+/// `--config` (rate limit service only).
+pub fn ops_router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such endpoint (the HTTP API needs --config)",
+            )
+        })
+        .with_state(state)
+}
+
 /// An error answer in the SPEC's shape.
 #[derive(Debug)]
 pub struct ApiError {

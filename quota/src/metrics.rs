@@ -31,6 +31,8 @@ pub enum StoreOp {
     usage,
     client,
     ping,
+    /// A rate limit service decision (`ShouldRateLimit`).
+    rls,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -58,8 +60,45 @@ pub struct AlertLabels {
     pub result: AlertResult,
 }
 
+/// Per domain and configured descriptor path (`key_value.key2`, as envoyproxy/ratelimit names
+/// its stats): bounded by the config, never by request values.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RlsLabels {
+    pub domain: String,
+    pub key: String,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum RlsCode {
+    ok,
+    over_limit,
+    error,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RlsCodeLabels {
+    pub code: RlsCode,
+}
+
+/// envoyproxy/ratelimit's per-descriptor counters, in hits (a request's `hits_addend`).
+pub struct RlsMetrics {
+    pub total_hits: Family<RlsLabels, Counter>,
+    pub over_limit: Family<RlsLabels, Counter>,
+    /// Admitted hits that left the limit at or above 80 % used (also counted as within).
+    pub near_limit: Family<RlsLabels, Counter>,
+    pub within_limit: Family<RlsLabels, Counter>,
+    /// Hits a shadow-mode limit would have denied.
+    pub shadow_mode: Family<RlsLabels, Counter>,
+    /// `ShouldRateLimit` calls by overall answer.
+    pub requests: Family<RlsCodeLabels, Counter>,
+    /// Time to answer a `ShouldRateLimit` call (store included).
+    pub latency: Histogram,
+}
+
 pub struct Metrics {
     registry: Registry,
+    pub rls: RlsMetrics,
     pub decisions: Family<OutcomeLabels, Counter>,
     pub store_latency: Family<OpLabels, Histogram>,
     pub store_errors: Family<OpLabels, Counter>,
@@ -93,8 +132,57 @@ impl Metrics {
         );
         let alerts = Family::<AlertLabels, Counter>::default();
         registry.register("alerts", "Quota alert deliveries by result", alerts.clone());
+        let rls = RlsMetrics {
+            total_hits: Family::default(),
+            over_limit: Family::default(),
+            near_limit: Family::default(),
+            within_limit: Family::default(),
+            shadow_mode: Family::default(),
+            requests: Family::default(),
+            latency: latency_histogram(),
+        };
+        for (name, help, fam) in [
+            (
+                "rls_total_hits",
+                "Rate limit service hits per domain and descriptor",
+                &rls.total_hits,
+            ),
+            (
+                "rls_over_limit",
+                "Rate limit service hits over the limit",
+                &rls.over_limit,
+            ),
+            (
+                "rls_near_limit",
+                "Rate limit service hits admitted at or above 80 % of the limit",
+                &rls.near_limit,
+            ),
+            (
+                "rls_within_limit",
+                "Rate limit service hits within the limit",
+                &rls.within_limit,
+            ),
+            (
+                "rls_shadow_mode",
+                "Rate limit service hits a shadow-mode limit would have denied",
+                &rls.shadow_mode,
+            ),
+        ] {
+            registry.register(name, help, fam.clone());
+        }
+        registry.register(
+            "rls_requests",
+            "ShouldRateLimit calls by overall code",
+            rls.requests.clone(),
+        );
+        registry.register(
+            "rls_request_duration_seconds",
+            "Time to answer a ShouldRateLimit call",
+            rls.latency.clone(),
+        );
         Self {
             registry,
+            rls,
             decisions,
             store_latency,
             store_errors,
@@ -159,5 +247,17 @@ mod tests {
         );
         assert!(text.contains("api_guard_quota_store_latency_seconds_count{op=\"check\"} 1"));
         assert!(text.contains("api_guard_quota_alerts_total{result=\"sent\"} 1"));
+        let l = RlsLabels {
+            domain: "d".into(),
+            key: "k_v".into(),
+        };
+        m.rls.near_limit.get_or_create(&l).inc_by(3);
+        m.rls.latency.observe(0.001);
+        let text = m.render();
+        assert!(
+            text.contains("api_guard_quota_rls_near_limit_total{domain=\"d\",key=\"k_v\"} 3"),
+            "{text}"
+        );
+        assert!(text.contains("api_guard_quota_rls_request_duration_seconds_count 1"));
     }
 }

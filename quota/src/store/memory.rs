@@ -6,7 +6,8 @@
 //! plus grace), swept at most once a minute, and the number of clients is capped.
 
 use super::{
-    CheckArgs, ClientRecord, Store, StoreError, StoreFuture, UsageSnapshot, USAGE_GRACE_MS,
+    CheckArgs, ClientRecord, RlsDecision, RlsItem, Store, StoreError, StoreFuture, UsageSnapshot,
+    RLS_GRACE_MS, USAGE_GRACE_MS,
 };
 use crate::decision::{self, BucketState, ClientState, Decision, Input, UsageState};
 use crate::periods::{Period, Periods};
@@ -56,6 +57,8 @@ fn live_bucket(b: &Option<(BucketState, u64)>, now: u64) -> Option<BucketState> 
 #[derive(Default)]
 struct Inner {
     map: HashMap<String, Entry>,
+    /// Rate limit service counters: key -> ([a, b], expires at).
+    rls: HashMap<String, ([u64; 2], u64)>,
     last_sweep_ms: u64,
 }
 
@@ -97,6 +100,7 @@ impl MemoryStore {
     ) -> Result<&'a mut Entry, StoreError> {
         if now.saturating_sub(inner.last_sweep_ms) >= SWEEP_EVERY_MS {
             inner.map.retain(|_, e| e.live(now));
+            inner.rls.retain(|_, v| v.1 > now);
             inner.last_sweep_ms = now;
         }
         if !inner.map.contains_key(client) {
@@ -112,6 +116,79 @@ impl MemoryStore {
             .map
             .get_mut(client)
             .ok_or_else(|| StoreError::Unavailable("entry vanished".into()))
+    }
+
+    fn rls_check_sync(&self, items: &[RlsItem], now: u64) -> Result<RlsDecision, StoreError> {
+        use crate::rls::config::Algorithm;
+        use crate::rls::decide::{self, State, Write};
+        let mut inner = self.lock();
+        if now.saturating_sub(inner.last_sweep_ms) >= SWEEP_EVERY_MS {
+            inner.map.retain(|_, e| e.live(now));
+            inner.rls.retain(|_, v| v.1 > now);
+            inner.last_sweep_ms = now;
+        }
+        let get = |k: &str| inner.rls.get(k).filter(|v| v.1 > now).map(|v| v.0);
+        let states: Vec<State> = items
+            .iter()
+            .map(|it| match it.item.algorithm {
+                Algorithm::FixedWindow => State {
+                    a: get(&it.key).map(|v| v[0]),
+                    b: None,
+                },
+                Algorithm::TokenBucket => {
+                    let v = get(&it.key);
+                    State {
+                        a: v.map(|v| v[0]),
+                        b: v.map(|v| v[1]),
+                    }
+                }
+                Algorithm::SlidingWindow => State {
+                    a: get(&it.key).map(|v| v[0]),
+                    b: get(&it.prev_key).map(|v| v[0]),
+                },
+            })
+            .collect();
+        let d = decide::decide(
+            &items.iter().map(|i| i.item).collect::<Vec<_>>(),
+            &states,
+            now,
+        );
+        let new_keys = d
+            .items
+            .iter()
+            .zip(items)
+            .filter(|(r, it)| r.write.is_some() && !inner.rls.contains_key(&it.key))
+            .count();
+        if new_keys > 0 && inner.rls.len() + new_keys > self.max_clients {
+            inner.rls.retain(|_, v| v.1 > now);
+            if inner.rls.len() + new_keys > self.max_clients {
+                return Err(StoreError::Full(self.max_clients));
+            }
+        }
+        // Same lifetimes as the Redis keys (`scripts::RLS_CHECK`).
+        for (r, it) in d.items.iter().zip(items) {
+            let i = &it.item;
+            let to_end = i.window_end_ms.saturating_sub(now);
+            let grace = RLS_GRACE_MS;
+            match r.write {
+                None => {}
+                Some(Write::Count(c)) => {
+                    let life = if i.algorithm == Algorithm::SlidingWindow {
+                        to_end + i.unit_ms + grace
+                    } else {
+                        to_end + grace
+                    };
+                    inner
+                        .rls
+                        .insert(it.key.clone(), ([c, 0], now.saturating_add(life)));
+                }
+                Some(Write::Bucket { level, t_ms }) => {
+                    let exp = now.saturating_add(r.reset_ms).saturating_add(grace);
+                    inner.rls.insert(it.key.clone(), ([level, t_ms], exp));
+                }
+            }
+        }
+        Ok(d)
     }
 
     fn check_sync(&self, a: &CheckArgs<'_>) -> Result<Decision, StoreError> {
@@ -224,5 +301,10 @@ impl Store for MemoryStore {
 
     fn ping(&self) -> StoreFuture<'_, ()> {
         Box::pin(async { Ok(()) })
+    }
+
+    fn rls_check<'a>(&'a self, items: &'a [RlsItem], now_ms: u64) -> StoreFuture<'a, RlsDecision> {
+        let r = self.rls_check_sync(items, now_ms);
+        Box::pin(async move { r })
     }
 }

@@ -90,7 +90,27 @@ pub trait Store: Send + Sync {
 
     /// Whether the store answers (`/readyz`).
     fn ping(&self) -> StoreFuture<'_, ()>;
+
+    /// Decides one ShouldRateLimit request over all its limited descriptors atomically
+    /// (`crate::rls::decide`): all charged or none.
+    fn rls_check<'a>(&'a self, items: &'a [RlsItem], now_ms: u64) -> StoreFuture<'a, RlsDecision>;
 }
+
+/// One limited descriptor of a rate limit service request, with its store keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RlsItem {
+    /// Holds the fixed window's count, the bucket, or the sliding window's current count.
+    pub key: String,
+    /// The sliding window's previous count (the same as `key` for the other algorithms).
+    pub prev_key: String,
+    pub item: crate::rls::decide::Item,
+}
+
+pub use crate::rls::decide::Decision as RlsDecision;
+
+/// Keys of rate limit service counters are kept this long past their window, so replicas
+/// with slightly different clocks still find them.
+pub const RLS_GRACE_MS: u64 = 60_000;
 
 /// The common prefix of a client's keys. The `{...}` hash tag puts all of one client's keys
 /// in one Redis Cluster slot, which a multi-key script requires. Characters that would end the

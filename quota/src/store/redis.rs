@@ -4,8 +4,8 @@
 //! `ClusterConnection`), so a Redis restart costs the failed calls, not the process.
 
 use super::{
-    admin_keys, scripts, CheckArgs, ClientKeys, ClientRecord, Store, StoreError, StoreFuture,
-    UsageSnapshot, Webhook, USAGE_GRACE_MS,
+    admin_keys, scripts, CheckArgs, ClientKeys, ClientRecord, RlsDecision, RlsItem, Store,
+    StoreError, StoreFuture, UsageSnapshot, Webhook, RLS_GRACE_MS, USAGE_GRACE_MS,
 };
 use crate::decision::{
     BucketReport, Decision, FiredAlert, Outcome, QuotaReport, UsageState, Which,
@@ -30,6 +30,7 @@ pub struct RedisStore {
     usage: Script,
     put_client: Script,
     get_client: Script,
+    rls_check: Script,
     timeout: Duration,
 }
 
@@ -117,6 +118,7 @@ impl RedisStore {
             usage: Script::new(scripts::USAGE),
             put_client: Script::new(scripts::PUT_CLIENT),
             get_client: Script::new(scripts::GET_CLIENT),
+            rls_check: Script::new(scripts::RLS_CHECK),
             timeout,
         };
         // Best effort: a Redis that is down now gets the scripts on first use (NOSCRIPT path).
@@ -125,7 +127,13 @@ impl RedisStore {
     }
 
     async fn load_scripts(&self) -> Result<(), StoreError> {
-        for s in [&self.check, &self.usage, &self.put_client, &self.get_client] {
+        for s in [
+            &self.check,
+            &self.usage,
+            &self.put_client,
+            &self.get_client,
+            &self.rls_check,
+        ] {
             match self.conn.clone() {
                 Conn::Single(mut c) => s.load_async(&mut c).await.map_err(unavailable)?,
                 Conn::Cluster(mut c) => s.load_async(&mut c).await.map_err(unavailable)?,
@@ -248,6 +256,30 @@ fn parse_decision(v: &Value) -> Result<Decision, StoreError> {
             2 => Some(Which::Monthly),
             _ => None,
         },
+    })
+}
+
+/// Reads `RLS_CHECK`'s reply (writes are not reported back: the script made them).
+fn parse_rls(v: &Value, n: usize) -> Result<RlsDecision, StoreError> {
+    let a = as_array(v)?;
+    if a.len() != 1 + 4 * n {
+        return Err(corrupt("rate limit script reply has the wrong length"));
+    }
+    let items = a[1..]
+        .chunks(4)
+        .map(|c| {
+            Ok(crate::rls::decide::ItemResult {
+                over: as_i64(&c[0])? == 1,
+                shadow_denied: as_i64(&c[1])? == 1,
+                remaining: as_u64(&c[2])?,
+                reset_ms: as_u64(&c[3])?,
+                write: None,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    Ok(RlsDecision {
+        over: as_i64(&a[0])? == 1,
+        items,
     })
 }
 
@@ -383,6 +415,36 @@ impl Store for RedisStore {
                 overrides: parse_json::<Override>(&as_string(o)?)?,
                 webhook: parse_json::<Webhook>(&as_string(w)?)?,
             })
+        })
+    }
+
+    fn rls_check<'a>(&'a self, items: &'a [RlsItem], now_ms: u64) -> StoreFuture<'a, RlsDecision> {
+        Box::pin(async move {
+            if items.is_empty() {
+                return Ok(RlsDecision {
+                    over: false,
+                    items: Vec::new(),
+                });
+            }
+            let mut keys: Vec<&str> = Vec::with_capacity(items.len() * 2);
+            let mut args: Vec<String> = vec![now_ms.to_string(), RLS_GRACE_MS.to_string()];
+            for it in items {
+                keys.push(&it.key);
+                keys.push(&it.prev_key);
+                let i = &it.item;
+                args.extend([
+                    i.algorithm.code().to_string(),
+                    i.limit.to_string(),
+                    i.unit_ms.to_string(),
+                    i.window_start_ms.to_string(),
+                    i.window_end_ms.to_string(),
+                    i.hits.to_string(),
+                    u8::from(i.shadow).to_string(),
+                ]);
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let v = self.run(&self.rls_check, &keys, &args).await?;
+            parse_rls(&v, items.len())
         })
     }
 

@@ -165,3 +165,101 @@ return 1
 pub const GET_CLIENT: &str = r#"
 return {redis.call('GET', KEYS[1]) or '', redis.call('GET', KEYS[2]) or ''}
 "#;
+
+/// One rate limit service decision over all of a request's limited descriptors (port of
+/// `crate::rls::decide::decide`): every descriptor is assessed, then, only when no enforced
+/// one denies, each that admits its hits is charged. One script, so concurrent requests on
+/// any number of replicas never admit more than a limit. All keys of a request share the
+/// domain's hash tag, so this also runs on Redis Cluster.
+///
+/// KEYS: per item, 1 counter or bucket key, 2 previous sliding window key.
+/// ARGV: 1 now (Unix ms), 2 grace (ms kept past a window), then per item 7 values:
+///       algorithm (0 fixed|1 token bucket|2 sliding), limit, unit ms, window start ms,
+///       window end ms, hits (clamped to limit + 1), shadow (0|1).
+/// Returns: {over 0|1, then per item: over, shadow denied, remaining, ms until reset}.
+pub const RLS_CHECK: &str = r#"
+local now = tonumber(ARGV[1])
+local grace = tonumber(ARGV[2])
+local n = (#ARGV - 2) / 7
+local function ceil_div(a, b) if b == 0 then return 0 end return math.ceil(a / b) end
+local function floor_div(a, b) if b == 0 then return 0 end return math.floor(a / b) end
+local function nonneg(x) if x < 0 then return 0 end return x end
+-- Integers as digits: tostring would print large counts in exponent form and lose precision.
+local function int(x) return string.format('%d', x) end
+local items = {}
+local over = 0
+for i = 1, n do
+  local o = 2 + (i - 1) * 7
+  local it = {alg = tonumber(ARGV[o + 1]), l = tonumber(ARGV[o + 2]), u = tonumber(ARGV[o + 3]),
+              ws = tonumber(ARGV[o + 4]), we = tonumber(ARGV[o + 5]), h = tonumber(ARGV[o + 6]),
+              shadow = ARGV[o + 7] == '1', k1 = KEYS[2 * i - 1], k2 = KEYS[2 * i]}
+  local l, u, h = it.l, it.u, it.h
+  local to_end = nonneg(it.we - now)
+  if it.alg == 0 then
+    local used = tonumber(redis.call('GET', it.k1)) or 0
+    local after = used + h
+    it.admits = after <= l
+    it.before = {nonneg(l - used), to_end}
+    it.after = {nonneg(l - after), to_end}
+    it.new = after
+  elseif it.alg == 1 then
+    local cap = l * u
+    local level, t = cap, now
+    local st = redis.call('HMGET', it.k1, 'l', 't')
+    if st[1] and st[2] then
+      level = tonumber(st[1])
+      t = tonumber(st[2])
+      if now > t then
+        level = level + (now - t) * l
+        t = now
+      end
+      if level > cap then level = cap end
+    end
+    local need = h * u
+    it.admits = need <= level
+    local left = level
+    if it.admits then left = level - need end
+    it.before = {floor_div(level, u), ceil_div(cap - level, l)}
+    it.after = {floor_div(left, u), ceil_div(cap - left, l)}
+    it.level, it.t = left, t
+  else
+    local elapsed = now - it.ws
+    if elapsed < 0 then elapsed = 0 end
+    if elapsed > u then elapsed = u end
+    local cur = tonumber(redis.call('GET', it.k1)) or 0
+    local prev = tonumber(redis.call('GET', it.k2)) or 0
+    local w = prev * (u - elapsed) + cur * u
+    local budget = l * u
+    it.admits = w + h * u <= budget
+    it.before = {floor_div(nonneg(budget - w), u), to_end}
+    it.after = {floor_div(nonneg(budget - w - h * u), u), to_end}
+    it.new = cur + h
+  end
+  if not it.admits and not it.shadow then over = 1 end
+  items[i] = it
+end
+local out = {over}
+for _, it in ipairs(items) do
+  local r = it.before
+  if over == 0 and it.admits then
+    r = it.after
+    if it.alg == 0 then
+      redis.call('SET', it.k1, int(it.new), 'PX', int(nonneg(it.we - now) + grace))
+    elseif it.alg == 1 then
+      redis.call('HSET', it.k1, 'l', int(it.level), 't', int(it.t))
+      redis.call('PEXPIRE', it.k1, int(r[2] + grace))
+    else
+      redis.call('SET', it.k1, int(it.new), 'PX', int(nonneg(it.we - now) + it.u + grace))
+    end
+  end
+  local o, s = 0, 0
+  if not it.admits then
+    if it.shadow then s = 1 else o = 1 end
+  end
+  out[#out + 1] = o
+  out[#out + 1] = s
+  out[#out + 1] = r[1]
+  out[#out + 1] = r[2]
+end
+return out
+"#;

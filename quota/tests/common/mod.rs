@@ -367,3 +367,4 @@ pub async fn check(
     assert_eq!(r.status(), 200, "check answered {}", r.status());
     r.json().await.expect("check JSON")
 }
+pub mod rls;
