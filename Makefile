@@ -17,7 +17,7 @@ DELIVERY ?= wasm
 ENVOY_BIN := $(CURDIR)/.tools/envoy/envoy/_bin/envoy
 export ENVOY_BIN
 
-.PHONY: all build wasm native tools test test-unit test-e2e run lint bench clean
+.PHONY: all build wasm module native tools test test-unit test-e2e run lint bench clean
 
 all: build
 
@@ -29,6 +29,12 @@ wasm:
 	@echo "==> building the filter ($(WASM))"
 	$(CARGO) build --release --target wasm32-wasip1 --lib $(WASM_FLAGS)
 
+# The dynamic module alone: what the e2e tests load (they use the debug binaries cargo test
+# builds for everything else, so `make test` skips the release CLI and quota service).
+module:
+	@echo "==> building the dynamic module ($(MODULE))"
+	$(CARGO) build --release --lib
+
 native:
 	@echo "==> building the dynamic module ($(MODULE)) and the native binaries (api-guard CLI, api-guard-quota)"
 	$(CARGO) build --release --workspace --lib --bins
@@ -38,7 +44,7 @@ build: wasm native
 # Unit tests need nothing installed; end-to-end tests need Envoy (and Redis for the quota
 # service). The .wasm and the .so are built first so the e2e harness does not have to; the
 # harness runs every e2e test against both (API_GUARD_DELIVERY=both, tests/common/mod.rs).
-test: tools wasm native
+test: tools wasm module
 	@echo "==> running unit and end-to-end tests (wasm filter and dynamic module)"
 	API_GUARD_SKIP_WASM_BUILD=1 API_GUARD_DELIVERY=both $(CARGO) test --workspace --all-targets
 
