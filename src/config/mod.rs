@@ -566,7 +566,7 @@ pub fn compile(raw: RawConfig, env: EnvLookup<'_>) -> Result<(Config, Vec<Warnin
             r.quota,
             &r.webhook,
         )?;
-        policy.limits = rate_limiter.plan(&path, &policy.rate_limits, policy.cost)?;
+        policy.limits = rate_limiter.plan(&path, &policy.rate_limits, policy.cost, &r.exempt)?;
         routes_out.push(Route {
             name: r.name.clone(),
             matcher,
@@ -584,7 +584,8 @@ pub fn compile(raw: RawConfig, env: EnvLookup<'_>) -> Result<(Config, Vec<Warnin
                 d.quota,
                 &d.webhook,
             )?;
-            policy.limits = rate_limiter.plan("default_route", &policy.rate_limits, policy.cost)?;
+            policy.limits =
+                rate_limiter.plan("default_route", &policy.rate_limits, policy.cost, &d.exempt)?;
             Some(policy)
         }
         None => {

@@ -195,12 +195,33 @@ fn d_jwks_timeout_ms() -> u64 {
 #[serde(deny_unknown_fields)]
 pub struct RateLimitConfig {
     pub key: Vec<String>,
+    /// `token_bucket` (default), `fixed_window` or `sliding_window`.
+    pub algorithm: Option<String>,
     pub capacity: Option<u64>,
     pub refill_tokens: Option<u64>,
     pub refill_period_s: Option<u64>,
+    /// Window algorithms: requests per window.
+    pub limit: Option<u64>,
+    pub window_s: Option<u64>,
     pub tiers: Option<BTreeMap<String, TierLimit>>,
     #[serde(default)]
     pub shadow: bool,
+    pub exempt: Option<ExemptConfig>,
+}
+
+/// Requests that bypass a limit (or every limit of a route), counted as `exempt`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExemptConfig {
+    /// Client IP ranges (`10.0.0.0/8`, `2001:db8::/32`; a bare address is one host).
+    #[serde(default)]
+    pub cidrs: Vec<String>,
+    /// Verified client identities (API key `id`, JWT `sub`).
+    #[serde(default)]
+    pub clients: Vec<String>,
+    /// Client tiers (API key `tier`, JWT `tier_claim`).
+    #[serde(default)]
+    pub tiers: Vec<String>,
 }
 
 /// Limits of one tier: a bucket, or `"unlimited"`.
@@ -213,9 +234,11 @@ pub enum TierLimit {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BucketConfig {
-    pub capacity: u64,
-    pub refill_tokens: u64,
-    pub refill_period_s: u64,
+    pub capacity: Option<u64>,
+    pub refill_tokens: Option<u64>,
+    pub refill_period_s: Option<u64>,
+    pub limit: Option<u64>,
+    pub window_s: Option<u64>,
 }
 
 impl<'de> Deserialize<'de> for TierLimit {
@@ -227,7 +250,7 @@ impl<'de> Deserialize<'de> for TierLimit {
                 .map(TierLimit::Bucket)
                 .map_err(de::Error::custom),
             _ => Err(de::Error::custom(
-                "expected \"unlimited\" or {\"capacity\", \"refill_tokens\", \"refill_period_s\"}",
+                "expected \"unlimited\" or {\"capacity\", \"refill_tokens\", \"refill_period_s\"} (windows: {\"limit\", \"window_s\"})",
             )),
         }
     }
@@ -348,6 +371,8 @@ pub struct RouteConfig {
     #[serde(default)]
     pub quota: bool,
     pub webhook: Option<String>,
+    /// Requests that bypass every rate limit of the route.
+    pub exempt: Option<ExemptConfig>,
 }
 
 /// What a matched route (or the default route) applies.
@@ -362,6 +387,7 @@ pub struct PolicyConfig {
     #[serde(default)]
     pub quota: bool,
     pub webhook: Option<String>,
+    pub exempt: Option<ExemptConfig>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -204,17 +204,21 @@ pub(crate) struct Metrics {
     /// open circuit breaker: `failure_mode` was applied.
     quota_failed: Option<CounterId>,
     denied: [Option<CounterId>; ErrorCode::ALL.len()],
-    /// Per rate limit (by index): allowed, denied, shadow_denied, slot_pressure, contention.
-    limits: Vec<[Option<CounterId>; 5]>,
+    /// Requests that bypassed a rate limit through an `exempt` (one per limit bypassed).
+    exempt: Option<CounterId>,
+    /// Per rate limit (by index): allowed, denied, shadow_denied, slot_pressure, contention,
+    /// exempt.
+    limits: Vec<[Option<CounterId>; 6]>,
 }
 
 /// Counter suffixes per rate limit, in [`Event`] order.
-const LIMIT_EVENTS: [&str; 5] = [
+const LIMIT_EVENTS: [&str; 6] = [
     "allowed",
     "denied",
     "shadow_denied",
     "slot_pressure",
     "contention",
+    "exempt",
 ];
 
 fn event_index(e: Event) -> usize {
@@ -224,6 +228,7 @@ fn event_index(e: Event) -> usize {
         Event::ShadowDenied => 2,
         Event::SlotPressure => 3,
         Event::Contention => 4,
+        Event::Exempt => 5,
     }
 }
 
@@ -247,6 +252,7 @@ impl Metrics {
             answered: p.define_counter("api_guard.answered"),
             quota_failed: p.define_counter("api_guard.quota.unavailable"),
             denied,
+            exempt: p.define_counter("api_guard.exempt"),
             limits,
         }
     }
@@ -260,6 +266,9 @@ impl Metrics {
     /// Counts what happened at one rate limit.
     pub fn limit_event<P: Platform + ?Sized>(&self, p: &P, limit: usize, e: Event) {
         Self::bump(p, self.limits.get(limit).and_then(|c| c[event_index(e)]));
+        if e == Event::Exempt {
+            Self::bump(p, self.exempt);
+        }
     }
 
     pub fn allowed<P: Platform + ?Sized>(&self, p: &P) {

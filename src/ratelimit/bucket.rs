@@ -13,18 +13,58 @@
 //! against capacity N at one instant admit exactly N). The stored form is whole milliseconds
 //! plus a sub-millisecond remainder in those units. Arithmetic is `u128`: with the config
 //! bounds below nothing can overflow, and conversions back to `u64` saturate.
+//!
+//! [`BucketParams`] also carries the window algorithms (`fixed_window`, `sliding_window`),
+//! whose arithmetic is in [`super::window`]: every limit is checked, stored and refunded
+//! through the same calls.
+
+use super::window;
 
 /// Largest `capacity` and `refill_tokens` the config accepts (fits the `u32` remainder).
 pub const MAX_TOKENS: u64 = 1_000_000_000;
 /// Largest `refill_period_s` the config accepts: one year.
 pub const MAX_PERIOD_S: u64 = 366 * 24 * 3600;
 
-/// The numbers of one bucket, validated.
+/// How a limit counts (`algorithm` in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Algorithm {
+    /// This module: continuous refill, bursts up to `capacity`.
+    #[default]
+    TokenBucket,
+    /// `limit` per UTC-aligned window of `window_s` ([`super::window`]).
+    FixedWindow,
+    /// `limit` per trailing window, estimated from two fixed windows ([`super::window`]).
+    SlidingWindow,
+}
+
+impl Algorithm {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "token_bucket" => Some(Algorithm::TokenBucket),
+            "fixed_window" => Some(Algorithm::FixedWindow),
+            "sliding_window" => Some(Algorithm::SlidingWindow),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Algorithm::TokenBucket => "token_bucket",
+            Algorithm::FixedWindow => "fixed_window",
+            Algorithm::SlidingWindow => "sliding_window",
+        }
+    }
+}
+
+/// The numbers of one limit, validated. Windows are kept in the same three numbers:
+/// `capacity` = `refill_tokens` = the window's `limit`, `refill_period_s` = `window_s`, which is
+/// also what the `ratelimit-policy` header shows (`q=limit;w=window_s`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BucketParams {
     capacity: u64,
     refill_tokens: u64,
     refill_period_s: u64,
+    algorithm: Algorithm,
 }
 
 /// Why bucket numbers were refused.
@@ -47,13 +87,17 @@ impl std::fmt::Display for ParamError {
 
 impl std::error::Error for ParamError {}
 
-/// Stored state of one bucket: the instant it is full again.
+/// Stored state of one bucket: the instant it is full again. Window counters use the same
+/// numbers with the same meaning of `full_at_ms` ([`super::window`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct BucketState {
     /// Whole milliseconds (Unix time) of the instant the bucket is full again.
     pub full_at_ms: u64,
-    /// Sub-millisecond part of that instant, in units of `1 / refill_tokens` ms.
+    /// Sub-millisecond part of that instant, in units of `1 / refill_tokens` ms (windows:
+    /// the count of the current window).
     pub frac: u32,
+    /// Unused by token buckets (0); a sliding window's count of the previous window.
+    pub aux: u32,
 }
 
 impl BucketState {
@@ -61,6 +105,7 @@ impl BucketState {
     pub const FULL: BucketState = BucketState {
         full_at_ms: 0,
         frac: 0,
+        aux: 0,
     };
 
     /// Whether the bucket is full at `now_ms`: then it is indistinguishable from a fresh one.
@@ -127,7 +172,37 @@ impl BucketParams {
             capacity,
             refill_tokens,
             refill_period_s,
+            algorithm: Algorithm::TokenBucket,
         })
+    }
+
+    /// A window counter: `limit` requests per `window_s` (fixed or sliding).
+    pub fn window(algorithm: Algorithm, limit: u64, window_s: u64) -> Result<Self, ParamError> {
+        for (field, v, max) in [
+            ("limit", limit, MAX_TOKENS),
+            ("window_s", window_s, MAX_PERIOD_S),
+        ] {
+            if v == 0 {
+                return Err(ParamError::Zero(field));
+            }
+            if v > max {
+                return Err(ParamError::TooLarge(field, max));
+            }
+        }
+        Ok(Self {
+            capacity: limit,
+            refill_tokens: limit,
+            refill_period_s: window_s,
+            algorithm,
+        })
+    }
+
+    pub fn algorithm(&self) -> Algorithm {
+        self.algorithm
+    }
+
+    fn window_ms(&self) -> u64 {
+        self.refill_period_s * 1000
     }
 
     pub fn capacity(&self) -> u64 {
@@ -170,10 +245,12 @@ impl BucketParams {
                 full_at_ms: ms,
                 // < refill_tokens <= MAX_TOKENS < u32::MAX
                 frac: u32::try_from(x % per_ms).unwrap_or(u32::MAX),
+                aux: 0,
             },
             Err(_) => BucketState {
                 full_at_ms: u64::MAX,
                 frac: 0,
+                aux: 0,
             },
         }
     }
@@ -199,11 +276,31 @@ impl BucketParams {
 
     /// The bucket as a client would see it at `now_ms`, without taking anything.
     pub fn status(&self, s: BucketState, now_ms: u64) -> BucketStatus {
-        self.status_for_debt(self.debt(s, now_ms))
+        match self.algorithm {
+            Algorithm::TokenBucket => self.status_for_debt(self.debt(s, now_ms)),
+            Algorithm::FixedWindow => {
+                window::fixed_status(self.capacity, self.window_ms(), s, now_ms)
+            }
+            Algorithm::SlidingWindow => {
+                window::sliding_status(self.capacity, self.window_ms(), s, now_ms)
+            }
+        }
     }
 
     /// Asks for `cost` tokens at `now_ms`.
     pub fn take(&self, s: BucketState, cost: u64, now_ms: u64) -> Take {
+        match self.algorithm {
+            Algorithm::TokenBucket => self.take_tokens(s, cost, now_ms),
+            Algorithm::FixedWindow => {
+                window::fixed_take(self.capacity, self.window_ms(), s, cost, now_ms)
+            }
+            Algorithm::SlidingWindow => {
+                window::sliding_take(self.capacity, self.window_ms(), s, cost, now_ms)
+            }
+        }
+    }
+
+    fn take_tokens(&self, s: BucketState, cost: u64, now_ms: u64) -> Take {
         let now = u128::from(now_ms) * self.per_ms();
         let x = self.units_of(s);
         let debt = x.saturating_sub(now);
@@ -231,6 +328,9 @@ impl BucketParams {
     /// Gives back `cost` tokens taken earlier (a later limit of the same request denied it).
     /// The bucket never holds more than its capacity.
     pub fn refund(&self, s: BucketState, cost: u64) -> BucketState {
+        if self.algorithm != Algorithm::TokenBucket {
+            return window::refund(s, cost);
+        }
         let cost_units = u128::from(cost) * self.per_token();
         self.state_at_units(self.units_of(s).saturating_sub(cost_units))
     }
@@ -432,6 +532,7 @@ mod tests {
         let odd = BucketState {
             full_at_ms: u64::MAX,
             frac: u32::MAX,
+            aux: u32::MAX,
         };
         let _ = p(1, 1, 1).take(odd, 1, T0);
         assert_eq!(p(1, 1, 1).status(odd, T0).remaining, 0);

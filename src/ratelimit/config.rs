@@ -1,9 +1,12 @@
 //! Semantic validation of `rate_limits` / `rate_limit_table` and compilation into the form the
 //! request path uses. Errors name the JSON path, like the rest of config validation.
 
-use super::bucket::{BucketParams, MAX_TOKENS};
+use super::bucket::{Algorithm, BucketParams, MAX_TOKENS};
+use super::exempt::Exempt;
 use super::table::{Table, WhenFull, DEFAULT_SLOTS, MAX_SLOTS, MIN_SLOTS};
-use crate::config::{ConfigError, RateLimitConfig, RawConfig, TierLimit, Warning};
+use crate::config::{
+    BucketConfig, ConfigError, ExemptConfig, RateLimitConfig, RawConfig, TierLimit, Warning,
+};
 use crate::identity::{ANONYMOUS_TIER, AUTHENTICATED_TIER};
 
 /// Most limits one route may name (the per-request bookkeeping is a fixed array).
@@ -136,8 +139,10 @@ pub struct Limit {
     pub key: Vec<KeyPart>,
     pub rule: LimitRule,
     pub shadow: bool,
-    /// Checked before credentials: the key needs no identity and the numbers no tier.
+    /// Checked before credentials: the key needs no identity, the numbers no tier, and the
+    /// exemption (if any) no client or tier.
     pub pre_auth: bool,
+    pub exempt: Option<Exempt>,
     pub table: Table,
 }
 
@@ -147,6 +152,8 @@ pub struct RoutePlan {
     pub pre_auth: Vec<usize>,
     pub post_auth: Vec<usize>,
     pub cost: u64,
+    /// The route's `exempt`: bypasses every limit of the route.
+    pub exempt: Option<Exempt>,
 }
 
 impl RoutePlan {
@@ -164,47 +171,104 @@ pub struct RateLimiter {
     pub secret_headers: Vec<String>,
 }
 
-fn bucket(path: &str, c: u64, r: u64, p: u64) -> Result<BucketParams, ConfigError> {
-    BucketParams::new(c, r, p).map_err(|e| {
-        let field = match e {
-            super::bucket::ParamError::Zero(f) | super::bucket::ParamError::TooLarge(f, _) => f,
-        };
-        ConfigError::new(format!("{path}.{field}"), e.to_string())
-    })
+fn param_err(path: &str, e: super::bucket::ParamError) -> ConfigError {
+    let field = match e {
+        super::bucket::ParamError::Zero(f) | super::bucket::ParamError::TooLarge(f, _) => f,
+    };
+    ConfigError::new(format!("{path}.{field}"), e.to_string())
+}
+
+/// The numbers of one bucket or window at `path`: exactly the fields `algorithm` uses.
+fn params(
+    path: &str,
+    algorithm: Algorithm,
+    b: &BucketConfig,
+    what: &str,
+) -> Result<BucketParams, ConfigError> {
+    let bucket = [
+        ("capacity", b.capacity),
+        ("refill_tokens", b.refill_tokens),
+        ("refill_period_s", b.refill_period_s),
+    ];
+    let window = [("limit", b.limit), ("window_s", b.window_s)];
+    type Fields<'a> = &'a [(&'a str, Option<u64>)];
+    let (wanted, other): (Fields, Fields) = match algorithm {
+        Algorithm::TokenBucket => (&bucket, &window),
+        _ => (&window, &bucket),
+    };
+    let names = |f: Fields| {
+        f.iter()
+            .map(|(n, _)| format!("`{n}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if let Some((n, _)) = other.iter().find(|(_, v)| v.is_some()) {
+        return Err(ConfigError::new(
+            format!("{path}.{n}"),
+            format!(
+                "is not used by algorithm \"{}\", which takes {}",
+                algorithm.as_str(),
+                names(wanted)
+            ),
+        ));
+    }
+    if wanted.iter().all(|(_, v)| v.is_none()) {
+        return Err(ConfigError::new(
+            path,
+            format!("needs {}{what}", names(wanted)),
+        ));
+    }
+    if let Some((n, _)) = wanted.iter().find(|(_, v)| v.is_none()) {
+        return Err(ConfigError::new(
+            format!("{path}.{n}"),
+            format!("is required with {}", names(wanted)),
+        ));
+    }
+    let r = match algorithm {
+        Algorithm::TokenBucket => BucketParams::new(
+            b.capacity.unwrap_or(0),
+            b.refill_tokens.unwrap_or(0),
+            b.refill_period_s.unwrap_or(0),
+        ),
+        _ => BucketParams::window(algorithm, b.limit.unwrap_or(0), b.window_s.unwrap_or(0)),
+    };
+    r.map_err(|e| param_err(path, e))
 }
 
 fn compile_rule(path: &str, l: &RateLimitConfig) -> Result<LimitRule, ConfigError> {
-    let fields = [
-        ("capacity", l.capacity),
-        ("refill_tokens", l.refill_tokens),
-        ("refill_period_s", l.refill_period_s),
-    ];
-    let given = fields.iter().filter(|(_, v)| v.is_some()).count();
-    match (&l.tiers, given) {
-        (Some(_), n) if n > 0 => Err(ConfigError::new(
-            path,
-            "set either `tiers` or `capacity`/`refill_tokens`/`refill_period_s`, not both",
-        )),
-        (None, 0) => Err(ConfigError::new(
-            path,
-            "needs `capacity`, `refill_tokens` and `refill_period_s`, or `tiers`",
-        )),
-        (None, _) => {
-            if let Some((missing, _)) = fields.iter().find(|(_, v)| v.is_none()) {
-                return Err(ConfigError::new(
-                    format!("{path}.{missing}"),
-                    "is required with `capacity`, `refill_tokens` and `refill_period_s`",
-                ));
-            }
-            bucket(
-                path,
-                l.capacity.unwrap_or(0),
-                l.refill_tokens.unwrap_or(0),
-                l.refill_period_s.unwrap_or(0),
+    let algorithm = match &l.algorithm {
+        None => Algorithm::TokenBucket,
+        Some(a) => Algorithm::parse(a).ok_or_else(|| {
+            ConfigError::new(
+                format!("{path}.algorithm"),
+                format!("'{a}' is not \"token_bucket\", \"sliding_window\" or \"fixed_window\""),
             )
-            .map(LimitRule::Fixed)
-        }
-        (Some(tiers), _) => {
+        })?,
+    };
+    let own = BucketConfig {
+        capacity: l.capacity,
+        refill_tokens: l.refill_tokens,
+        refill_period_s: l.refill_period_s,
+        limit: l.limit,
+        window_s: l.window_s,
+    };
+    let given = [
+        own.capacity,
+        own.refill_tokens,
+        own.refill_period_s,
+        own.limit,
+        own.window_s,
+    ]
+    .iter()
+    .filter(|v| v.is_some())
+    .count();
+    match &l.tiers {
+        Some(_) if given > 0 => Err(ConfigError::new(
+            path,
+            "set either `tiers` or the limit's own numbers, not both",
+        )),
+        None => params(path, algorithm, &own, ", or `tiers`").map(LimitRule::Fixed),
+        Some(tiers) => {
             if tiers.is_empty() {
                 return Err(ConfigError::new(
                     format!("{path}.tiers"),
@@ -223,12 +287,7 @@ fn compile_rule(path: &str, l: &RateLimitConfig) -> Result<LimitRule, ConfigErro
                 }
                 let rule = match t {
                     TierLimit::Unlimited => TierRule::Unlimited,
-                    TierLimit::Bucket(b) => TierRule::Bucket(bucket(
-                        &tp,
-                        b.capacity,
-                        b.refill_tokens,
-                        b.refill_period_s,
-                    )?),
+                    TierLimit::Bucket(b) => TierRule::Bucket(params(&tp, algorithm, b, "")?),
                 };
                 if tier == "default" {
                     default = Some(rule);
@@ -242,6 +301,12 @@ fn compile_rule(path: &str, l: &RateLimitConfig) -> Result<LimitRule, ConfigErro
             })
         }
     }
+}
+
+fn compile_exempt(path: &str, e: &Option<ExemptConfig>) -> Result<Option<Exempt>, ConfigError> {
+    e.as_ref()
+        .map(|e| Exempt::compile(&format!("{path}.exempt"), e))
+        .transpose()
 }
 
 impl RateLimiter {
@@ -325,8 +390,10 @@ impl RateLimiter {
                     }
                 }
             }
-            let pre_auth =
-                matches!(rule, LimitRule::Fixed(_)) && key.iter().all(KeyPart::is_pre_auth);
+            let exempt = compile_exempt(&path, &l.exempt)?;
+            let pre_auth = matches!(rule, LimitRule::Fixed(_))
+                && key.iter().all(KeyPart::is_pre_auth)
+                && !exempt.as_ref().is_some_and(Exempt::needs_identity);
             limits.push(Limit {
                 table: Table::new(&format!("{KEY_PREFIX}{name}:"), slots),
                 name: name.clone(),
@@ -334,6 +401,7 @@ impl RateLimiter {
                 rule,
                 shadow: l.shadow,
                 pre_auth,
+                exempt,
             });
         }
         let mut secret_headers = vec![
@@ -351,9 +419,24 @@ impl RateLimiter {
         })
     }
 
-    /// Resolves a route's `rate_limits` and `cost` (already checked to exist by the route
-    /// validation) into a plan, checking the cost fits every bucket it can meet.
-    pub fn plan(&self, path: &str, names: &[String], cost: u64) -> Result<RoutePlan, ConfigError> {
+    /// Resolves a route's `rate_limits`, `cost` and `exempt` into a plan, checking the cost
+    /// fits every bucket it can meet. A route exemption naming clients or tiers moves the
+    /// route's limits after credentials (only a verified identity can be exempt).
+    pub fn plan(
+        &self,
+        path: &str,
+        names: &[String],
+        cost: u64,
+        exempt: &Option<ExemptConfig>,
+    ) -> Result<RoutePlan, ConfigError> {
+        let exempt = compile_exempt(path, exempt)?;
+        if exempt.is_some() && names.is_empty() {
+            return Err(ConfigError::new(
+                format!("{path}.exempt"),
+                "the route has no rate_limits to be exempt from",
+            ));
+        }
+        let identity_exempt = exempt.as_ref().is_some_and(Exempt::needs_identity);
         if names.len() > MAX_LIMITS_PER_ROUTE {
             return Err(ConfigError::new(
                 format!("{path}.rate_limits"),
@@ -368,6 +451,7 @@ impl RateLimiter {
         }
         let mut plan = RoutePlan {
             cost,
+            exempt,
             ..RoutePlan::default()
         };
         for (i, name) in names.iter().enumerate() {
@@ -399,7 +483,7 @@ impl RateLimiter {
                     ));
                 }
             }
-            if limit.pre_auth {
+            if limit.pre_auth && !identity_exempt {
                 plan.pre_auth.push(id);
             } else {
                 plan.post_auth.push(id);
@@ -465,6 +549,7 @@ mod tests {
                 "routes[0]",
                 &["per-client".into(), "login-per-ip".into()],
                 2,
+                &None,
             )
             .unwrap();
         assert_eq!(plan.pre_auth.len(), 1);
@@ -584,24 +669,122 @@ mod tests {
                 "t":{"key":["client"],"tiers":{"free":{"capacity":3,"refill_tokens":1,"refill_period_s":1},"vip":"unlimited"}}}}"#,
         )
         .unwrap();
-        assert!(rl.plan("routes[0]", &["a".into(), "t".into()], 3).is_ok());
+        assert!(rl
+            .plan("routes[0]", &["a".into(), "t".into()], 3, &None)
+            .is_ok());
         let e = rl
-            .plan("routes[0]", &["a".into(), "t".into()], 4)
+            .plan("routes[0]", &["a".into(), "t".into()], 4, &None)
             .unwrap_err();
         assert_eq!(e.path, "routes[0].cost");
         assert!(e.message.contains("'free'"), "{e}");
         assert_eq!(
-            rl.plan("routes[0]", &["a".into(), "a".into()], 1)
+            rl.plan("routes[0]", &["a".into(), "a".into()], 1, &None)
                 .unwrap_err()
                 .path,
             "routes[0].rate_limits[1]"
         );
         assert_eq!(
-            rl.plan("r", &["zz".into()], 1).unwrap_err().path,
+            rl.plan("r", &["zz".into()], 1, &None).unwrap_err().path,
             "r.rate_limits[0]"
         );
         let many: Vec<String> = (0..9).map(|_| "a".to_string()).collect();
-        assert_eq!(rl.plan("r", &many, 1).unwrap_err().path, "r.rate_limits");
-        assert_eq!(rl.plan("r", &[], u64::MAX).unwrap_err().path, "r.cost");
+        assert_eq!(
+            rl.plan("r", &many, 1, &None).unwrap_err().path,
+            "r.rate_limits"
+        );
+        assert_eq!(
+            rl.plan("r", &[], u64::MAX, &None).unwrap_err().path,
+            "r.cost"
+        );
+    }
+
+    #[test]
+    fn window_algorithms_take_limit_and_window_s_only() {
+        let (rl, _) = compile(
+            r#"{"rate_limits":{
+                "m":{"key":["ip"],"algorithm":"sliding_window","limit":100,"window_s":60},
+                "d":{"key":["client"],"algorithm":"fixed_window","tiers":{"free":{"limit":1000,"window_s":86400},"default":"unlimited"}}}}"#,
+        )
+        .unwrap();
+        let LimitRule::Fixed(p) = rl.limits[1].rule else {
+            panic!("{:?}", rl.limits[1].rule)
+        };
+        assert_eq!(p.algorithm(), Algorithm::SlidingWindow);
+        assert_eq!((p.capacity(), p.refill_period_s()), (100, 60));
+        assert!(rl.limits[1].pre_auth);
+        let free = rl.limits[0].rule.params_for("free").unwrap();
+        assert_eq!(free.algorithm(), Algorithm::FixedWindow);
+        assert_eq!((free.capacity(), free.refill_period_s()), (1000, 86400));
+
+        for (json, path) in [
+            (
+                r#""algorithm":"leaky","limit":1,"window_s":1"#,
+                "rate_limits.l.algorithm",
+            ),
+            (
+                r#""algorithm":"fixed_window","capacity":1,"limit":1,"window_s":1"#,
+                "rate_limits.l.capacity",
+            ),
+            (
+                r#""algorithm":"fixed_window","limit":1"#,
+                "rate_limits.l.window_s",
+            ),
+            (
+                r#""algorithm":"sliding_window","limit":0,"window_s":1"#,
+                "rate_limits.l.limit",
+            ),
+            (
+                r#""algorithm":"sliding_window","limit":1,"window_s":40000000"#,
+                "rate_limits.l.window_s",
+            ),
+            (r#""limit":5,"window_s":1"#, "rate_limits.l.limit"),
+            (r#""algorithm":"fixed_window""#, "rate_limits.l"),
+            (
+                r#""algorithm":"fixed_window","tiers":{"a":{"capacity":1,"refill_tokens":1,"refill_period_s":1}}"#,
+                "rate_limits.l.tiers.a.capacity",
+            ),
+        ] {
+            let e = err(&format!(
+                r#"{{"rate_limits":{{"l":{{"key":["ip"],{json}}}}}}}"#
+            ));
+            assert_eq!(e.path, path, "{json}: {e}");
+        }
+    }
+
+    #[test]
+    fn exemptions_by_identity_wait_for_credentials() {
+        let (rl, _) = compile(
+            r#"{"rate_limits":{
+                "ipc":{"key":["ip"],"capacity":5,"refill_tokens":1,"refill_period_s":1,"exempt":{"cidrs":["10.0.0.0/8"]}},
+                "ipi":{"key":["ip"],"capacity":5,"refill_tokens":1,"refill_period_s":1,"exempt":{"clients":["svc"]}}}}"#,
+        )
+        .unwrap();
+        let by = |n: &str| rl.limits.iter().find(|l| l.name == n).unwrap();
+        assert!(by("ipc").pre_auth, "a CIDR is known before credentials");
+        assert!(
+            !by("ipi").pre_auth,
+            "a client exemption needs the verified identity"
+        );
+        let names = ["ipc".to_string()];
+        let tiers = ExemptConfig {
+            tiers: vec!["internal".into()],
+            ..ExemptConfig::default()
+        };
+        let plan = rl.plan("r", &names, 1, &Some(tiers)).unwrap();
+        assert!(plan.pre_auth.is_empty() && plan.post_auth.len() == 1);
+        let cidr = ExemptConfig {
+            cidrs: vec!["192.0.2.0/24".into()],
+            ..ExemptConfig::default()
+        };
+        let plan = rl.plan("r", &names, 1, &Some(cidr.clone())).unwrap();
+        assert_eq!(plan.pre_auth.len(), 1);
+        assert_eq!(
+            rl.plan("r", &[], 1, &Some(cidr)).unwrap_err().path,
+            "r.exempt"
+        );
+        assert_eq!(
+            err(r#"{"rate_limits":{"l":{"key":["ip"],"capacity":1,"refill_tokens":1,"refill_period_s":1,"exempt":{"cidrs":["nope"]}}}}"#).path,
+            "rate_limits.l.exempt.cidrs[0]"
+        );
     }
 }

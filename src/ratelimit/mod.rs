@@ -16,9 +16,11 @@
 
 pub mod bucket;
 pub mod config;
+pub mod exempt;
 pub mod headers;
 pub mod stage;
 pub mod table;
+pub mod window;
 
 pub use self::config::{KeyPart, Limit, LimitRule, RateLimiter, RoutePlan, TierRule};
 pub use self::headers::{RateLimitHeaders, Report};
@@ -98,6 +100,8 @@ pub enum Event {
     SlotPressure,
     /// Shared data stayed contended (or refused a write); `when_full` decided.
     Contention,
+    /// The request matched the limit's or the route's `exempt` and bypassed the limit.
+    Exempt,
 }
 
 /// Why a request was refused.
@@ -224,13 +228,15 @@ impl RateLimiter {
     }
 
     /// Checks, and if all pass takes `cost` tokens from, the limits `ids` (one stage of a
-    /// route's [`RoutePlan`]). On a refusal, everything in `taken` (earlier stages too) is
-    /// given back. `observe` is told what happened at each limit, for stats.
+    /// route's [`RoutePlan`]), except those the request is exempt from (the limit's own
+    /// `exempt`, or the route's `route_exempt`). On a refusal, everything in `taken` (earlier
+    /// stages too) is given back. `observe` is told what happened at each limit, for stats.
     #[allow(clippy::too_many_arguments)]
     pub fn check(
         &self,
         ids: &[usize],
         cost: u64,
+        route_exempt: Option<&exempt::Exempt>,
         keys: &RequestKeys<'_>,
         now_ms: u64,
         store: &dyn SharedStore,
@@ -257,6 +263,14 @@ impl RateLimiter {
             let Some(limit) = self.limits.get(id) else {
                 continue;
             };
+            if route_exempt
+                .into_iter()
+                .chain(&limit.exempt)
+                .any(|e| e.matches(keys))
+            {
+                observe(id, Event::Exempt);
+                continue;
+            }
             let Some(params) = limit.rule.params_for(keys.tier()) else {
                 continue; // unlimited or uncovered tier
             };

@@ -88,6 +88,7 @@ fn run(cfg: &Config, req: &Request, ex: &mut Exchange, env: &Env, pre: bool) -> 
     let decision = rl.check(
         ids,
         plan.cost,
+        plan.exempt.as_ref(),
         &keys,
         env.now_ms,
         env.store,
@@ -206,5 +207,31 @@ mod tests {
         let body: serde_json::Value = serde_json::from_slice(&r.body()).unwrap();
         assert_eq!(body["retry_after"], 29);
         assert_eq!(header(&ex, "ratelimit"), Some("\"a\";r=0;t=59"));
+    }
+
+    #[test]
+    fn exempt_requests_bypass_the_limit_and_are_recorded() {
+        let c = cfg(
+            r#"{"rate_limits":{"a":{"key":["ip"],"capacity":1,"refill_tokens":1,"refill_period_s":60,
+                                     "exempt":{"cidrs":["192.0.2.0/24"]}},
+                               "b":{"key":["ip"],"algorithm":"fixed_window","limit":1,"window_s":60}},
+                "routes":[{"name":"r","match":{"prefix":"/x"},"rate_limits":["a"]},
+                          {"name":"s","match":{"prefix":"/y"},"rate_limits":["b"],"exempt":{"cidrs":["192.0.2.1"]}}],
+                "default_route":{"rate_limits":["b"]}}"#,
+        );
+        let store = MemoryStore::new();
+        c.rate_limiter.prepare(&store).unwrap();
+        let now = 1_700_000_000_000;
+        for _ in 0..3 {
+            let (v, mut ex) = go(&c, &store, now);
+            assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+            let events: Vec<_> = ex.ratelimit.drain_events().collect();
+            assert_eq!(events, vec![(0, super::super::Event::Exempt)]);
+            assert_eq!(
+                header(&ex, "ratelimit"),
+                None,
+                "an exempt request shows no limit"
+            );
+        }
     }
 }

@@ -53,7 +53,7 @@ impl Harness {
     fn new(json: &str, names: &[&str], cost: u64) -> Harness {
         let rl = limiter(json);
         let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-        let plan = rl.plan("routes[0]", &names, cost).unwrap();
+        let plan = rl.plan("routes[0]", &names, cost, &None).unwrap();
         Harness {
             rl,
             plan,
@@ -80,6 +80,7 @@ impl Harness {
         let d1 = self.rl.check(
             &self.plan.pre_auth,
             self.plan.cost,
+            self.plan.exempt.as_ref(),
             &pre_keys,
             now,
             store,
@@ -92,6 +93,7 @@ impl Harness {
         let d2 = self.rl.check(
             &self.plan.post_auth,
             self.plan.cost,
+            self.plan.exempt.as_ref(),
             k,
             now,
             store,
