@@ -7,8 +7,8 @@
 # BENCH_SECONDS, BENCH_ROUNDS, BENCH_FR_ROUNDS, BENCH_RATE, BENCH_ONLY, BENCH_NICE too.
 # Then bench/quota.sh (the quota service's /v1/check against memory and Redis; BENCH_SECS
 # seconds per run, BENCH_QUOTA=0 skips it), whose figures join the report, and bench/rls.sh
-# (ShouldRateLimit over gRPC, and Envoy's native ratelimit filter against the service;
-# printed and written to target/bench/rls.json).
+# (ShouldRateLimit over gRPC, and Envoy's native ratelimit filter against the service beside
+# the same Envoy without it; target/bench/rls.json, merged into the report too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -56,6 +56,7 @@ if [ "${BENCH_QUOTA:-1}" != 0 ]; then
   python3 bench/bench.py --out "$out" --add-quota target/bench/quota.json
   say "running the rate limit service bench (bench/rls.sh)"
   nice -n "${BENCH_NICE:-0}" bench/rls.sh --json target/bench/rls.json
+  python3 bench/bench.py --out "$out" --add-rls target/bench/rls.json
 fi
 say "drawing docs/benchmarks.png"
 PYTHONPATH="$PY" python3 bench/plot.py docs/benchmarks.json docs/benchmarks.png
