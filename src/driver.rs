@@ -434,6 +434,13 @@ impl Driver {
         for (limit, e) in self.ex.ratelimit.drain_events() {
             worker.metrics.limit_event(host, limit, e);
         }
+        // Structured events (`credential_abuse`, ...) and the abuse stage's counters.
+        for line in std::mem::take(&mut self.ex.events) {
+            host.log(LogLevel::Info, format_args!("{line}"));
+        }
+        worker
+            .metrics
+            .abuse(host, std::mem::take(&mut self.ex.abuse));
         for (limit, key) in std::mem::take(&mut self.ex.ratelimit.shadow_denials) {
             let name = worker
                 .config

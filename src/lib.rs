@@ -3,11 +3,13 @@
 //! The logic lives in plain modules that take time and storage as arguments, so it runs
 //! natively in unit tests and in the `api-guard` CLI; `filter` is the thin proxy-wasm glue.
 
+pub mod abuse;
 pub mod auth;
 pub mod client_ip;
 pub mod config;
 pub mod cors;
 pub mod driver;
+pub mod events;
 pub mod headers;
 pub mod host;
 pub mod identity;

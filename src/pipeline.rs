@@ -1,7 +1,7 @@
 //! The request path (SPEC section 3), as pure logic the glue drives.
 //!
 //! Order: route → path checks → CORS preflight → per-IP/route limits → credentials → scopes →
-//! per-client limits → quota → webhook body check → forward.
+//! key sharing (`abuse`) → per-client limits → quota → webhook body check → forward.
 //!
 //! The glue reads the request once into a [`Request`], keeps an [`Exchange`] per request and
 //! calls [`on_request_headers`]. A stage that needs the host to do something asynchronous (an
@@ -68,6 +68,7 @@ pub enum Stage {
     PreAuthLimits,
     Credentials,
     Scopes,
+    KeySharing,
     ClientLimits,
     Quota,
     Webhook,
@@ -145,6 +146,12 @@ pub struct Exchange {
     pub jwks_fetched: bool,
     /// The quota callout's result, set by the glue before re-running the quota stage.
     pub quota: Option<crate::quota_client::QuotaOutcome>,
+    /// Structured event lines (`events::EventLine`) for the glue to log.
+    pub events: Vec<String>,
+    /// What the abuse stage saw, for counters.
+    pub abuse: crate::abuse::AbuseState,
+    /// `abuse.key_sharing` with `tighten` applies: the per-client limits cost more.
+    pub tightened: bool,
 }
 
 impl Exchange {
@@ -224,6 +231,7 @@ pub fn run(cfg: &Config, req: &Request, ex: &mut Exchange, env: &Env) -> Verdict
             Stage::PreAuthLimits => crate::ratelimit::stage::pre_auth(cfg, req, ex, env),
             Stage::Credentials => crate::auth::stage::credentials(cfg, req, ex, env),
             Stage::Scopes => crate::auth::stage::scopes(cfg, req, ex, env),
+            Stage::KeySharing => crate::abuse::stage(cfg, req, ex, env),
             Stage::ClientLimits => crate::ratelimit::stage::client(cfg, req, ex, env),
             Stage::Quota => crate::quota_client::stage(cfg, req, ex, env),
             Stage::Webhook => webhook_stage::run(cfg, req, ex, env),
@@ -293,7 +301,8 @@ fn next(s: Stage) -> Stage {
         Stage::Cors => Stage::PreAuthLimits,
         Stage::PreAuthLimits => Stage::Credentials,
         Stage::Credentials => Stage::Scopes,
-        Stage::Scopes => Stage::ClientLimits,
+        Stage::Scopes => Stage::KeySharing,
+        Stage::KeySharing => Stage::ClientLimits,
         Stage::ClientLimits => Stage::Quota,
         Stage::Quota => Stage::Webhook,
         Stage::Webhook => Stage::Forward,

@@ -16,12 +16,14 @@ pub enum ErrorCode {
     RateLimitExceeded,
     QuotaExceeded,
     QuotaUnavailable,
+    /// One client identity from more addresses than `abuse.key_sharing` allows (`deny`).
+    CredentialAbuse,
     /// The filter failed on this request (a panic caught by the native module's guard).
     InternalError,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 12] = [
+    pub const ALL: [ErrorCode; 13] = [
         ErrorCode::InvalidRequest,
         ErrorCode::MissingCredentials,
         ErrorCode::InvalidToken,
@@ -33,6 +35,7 @@ impl ErrorCode {
         ErrorCode::RateLimitExceeded,
         ErrorCode::QuotaExceeded,
         ErrorCode::QuotaUnavailable,
+        ErrorCode::CredentialAbuse,
         ErrorCode::InternalError,
     ];
 
@@ -50,6 +53,7 @@ impl ErrorCode {
             ErrorCode::RateLimitExceeded => "rate_limit_exceeded",
             ErrorCode::QuotaExceeded => "quota_exceeded",
             ErrorCode::QuotaUnavailable => "quota_unavailable",
+            ErrorCode::CredentialAbuse => "credential_abuse",
             ErrorCode::InternalError => "internal_error",
         }
     }
@@ -61,7 +65,9 @@ impl ErrorCode {
             | ErrorCode::InvalidToken
             | ErrorCode::InvalidApiKey
             | ErrorCode::InvalidSignature => 401,
-            ErrorCode::InsufficientScope | ErrorCode::CorsRejected => 403,
+            ErrorCode::InsufficientScope | ErrorCode::CorsRejected | ErrorCode::CredentialAbuse => {
+                403
+            }
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::RateLimitExceeded => 429,
             ErrorCode::QuotaExceeded => 402,

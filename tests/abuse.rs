@@ -1,7 +1,7 @@
 //! Defenses against distributed abuse, through a real Envoy with 2 workers (both deliveries):
 //! window algorithms per limit (fixed and sliding, with the same headers as buckets),
-//! "per minute and per day on one key", and exemptions by CIDR (IPv4 and IPv6) on a limit
-//! and on a route, counted.
+//! "per minute and per day on one key", exemptions by CIDR (IPv4 and IPv6) on a limit and on
+//! a route, counted, and one API key used from more addresses than `abuse.key_sharing` allows.
 
 mod common;
 
@@ -11,6 +11,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// Client IPs come from the trusted `x-forwarded-for` hop, so one Envoy sees many clients.
 const CONFIG: &str = r#"{
   "client_ip": { "xff_trusted_hops": 1, "use_remote_address": true },
+  "api_keys": { "header": "x-api-key", "keys": [
+    { "id": "acme", "sha256": "6f0f8db1716f1a7909f09fef4ef9730dbcaa99df6f63e5f832f2122b27af2335" } ] },
+  "abuse": { "key_sharing": { "max_distinct_ips": 3, "window_s": 3600, "prefix_v6": 64, "action": "deny" } },
   "rate_limits": {
     "fixed-hour":   { "key": ["ip"], "algorithm": "fixed_window",   "limit": 3, "window_s": 3600 },
     "sliding-hour": { "key": ["ip"], "algorithm": "sliding_window", "limit": 3, "window_s": 3600 },
@@ -26,7 +29,9 @@ const CONFIG: &str = r#"{
     { "name": "both", "match": { "prefix": "/both" }, "rate_limits": ["per-minute", "per-day"] },
     { "name": "partners", "match": { "prefix": "/partners" }, "rate_limits": ["partners"] },
     { "name": "internal", "match": { "prefix": "/internal" }, "rate_limits": ["tight"],
-      "exempt": { "cidrs": ["198.51.100.0/24"] } }
+      "exempt": { "cidrs": ["198.51.100.0/24"] } },
+    { "name": "keyed", "match": { "prefix": "/keyed" },
+      "auth": { "mode": "required", "methods": ["api_key"] } }
   ],
   "default_route": { "auth": { "mode": "none" } }
 }"#;
@@ -165,6 +170,86 @@ fn windows_exemptions_and_stacked_limits() {
     );
 }
 
+/// The API key of `acme` in [`CONFIG`].
+const ACME_KEY: &str = "k-acme-0123456789abcdef";
+
+#[test]
+fn one_key_from_too_many_addresses_is_refused_and_reported() {
+    clear_of_window_edge(3600);
+    let envoy = Envoy::start(CONFIG);
+    let keyed = |ip: &str| {
+        envoy
+            .req("GET", "/keyed")
+            .header("x-forwarded-for", ip)
+            .header("x-api-key", ACME_KEY)
+            .send()
+    };
+    // Three addresses (two IPv6 in one /64 count once) are the allowance.
+    for ip in [
+        "192.0.2.10",
+        "2001:db8:7:7::1",
+        "2001:db8:7:7::2",
+        "192.0.2.11",
+    ] {
+        let r = keyed(ip);
+        assert_eq!(r.status, 200, "{ip}: {}", r.text());
+        assert_eq!(r.upstream_header("x-auth-client").as_deref(), Some("acme"));
+    }
+    // A fourth address: 403 credential_abuse, twice; the known ones keep working.
+    for ip in ["203.0.113.50", "203.0.113.51"] {
+        let r = keyed(ip);
+        let body = r.assert_error(403, "credential_abuse");
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap()
+                .contains("more than 3 addresses"),
+            "{body}"
+        );
+        assert_eq!(r.header("x-frame-options"), Some("DENY"));
+    }
+    assert_eq!(keyed("192.0.2.10").status, 200);
+    // Requests without a key are not tracked: they get the usual 401.
+    envoy
+        .req("GET", "/keyed")
+        .header("x-forwarded-for", "203.0.113.52")
+        .send()
+        .assert_error(401, "missing_credentials");
+
+    assert_eq!(
+        envoy.stat("wasmcustom.api_guard.denied.credential_abuse"),
+        2
+    );
+    assert_eq!(envoy.stat("wasmcustom.api_guard.abuse.key_sharing.over"), 2);
+    // One structured event for the window, in the deny log's shape.
+    let events: Vec<serde_json::Value> = envoy
+        .logs()
+        .lines()
+        .filter_map(|l| {
+            l.find("{\"event\":\"api_guard.credential_abuse\"")
+                .map(|i| &l[i..])
+        })
+        .map(|j| serde_json::from_str(j).unwrap())
+        .collect();
+    assert_eq!(
+        events.len(),
+        1,
+        "{events:?}\n{}",
+        envoy
+            .logs()
+            .lines()
+            .filter(|l| l.contains("credential"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let e = &events[0];
+    assert_eq!(e["client"], "acme");
+    assert_eq!(e["ip"], "203.0.113.50");
+    assert_eq!(e["route"], "keyed");
+    assert_eq!(e["action"], "deny");
+    assert_eq!(e["max_distinct_ips"], 3);
+}
+
 #[test]
 fn config_errors_name_the_path() {
     for (config, path) in [
@@ -175,6 +260,10 @@ fn config_errors_name_the_path() {
         (
             r#"{"rate_limits":{"l":{"key":["ip"],"capacity":1,"refill_tokens":1,"refill_period_s":1,"exempt":{"cidrs":["10.0.0.1/8"]}}}}"#,
             "rate_limits.l.exempt.cidrs[0]",
+        ),
+        (
+            r#"{"abuse":{"key_sharing":{"max_distinct_ips":500}}}"#,
+            "abuse.key_sharing.max_distinct_ips",
         ),
     ] {
         let file = write_temp("abuse-check.json", config);

@@ -96,6 +96,8 @@ pub struct Config {
     pub webhooks: crate::webhook::Webhooks,
     /// Compiled `rate_limits`; its `prepare` must run in `on_configure`.
     pub rate_limiter: crate::ratelimit::RateLimiter,
+    /// Compiled `abuse`; its `prepare` must run in `on_configure`.
+    pub abuse: crate::abuse::Abuse,
     /// Compiled `jwt_providers` and `api_keys` (validated here so bad keys fail the config).
     pub auth: crate::auth::Authenticator,
     pub raw: RawConfig,
@@ -537,6 +539,7 @@ pub fn compile(raw: RawConfig, env: EnvLookup<'_>) -> Result<(Config, Vec<Warnin
 
     let rate_limiter = crate::ratelimit::RateLimiter::compile(&raw, &mut warnings)?;
 
+    let abuse = crate::abuse::Abuse::compile(&raw)?;
     let auth = crate::auth::Authenticator::compile(&raw, env)?;
 
     let mut routes_out = Vec::with_capacity(raw.routes.len());
@@ -609,6 +612,7 @@ pub fn compile(raw: RawConfig, env: EnvLookup<'_>) -> Result<(Config, Vec<Warnin
             cors,
             webhooks,
             rate_limiter,
+            abuse,
             auth,
             raw,
         },

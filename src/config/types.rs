@@ -28,6 +28,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub webhooks: BTreeMap<String, WebhookConfig>,
     pub quota: Option<QuotaConfig>,
+    /// Defenses against distributed abuse (SPEC section 2, `abuse`).
+    pub abuse: Option<AbuseConfig>,
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
     pub default_route: Option<PolicyConfig>,
@@ -207,6 +209,51 @@ pub struct RateLimitConfig {
     #[serde(default)]
     pub shadow: bool,
     pub exempt: Option<ExemptConfig>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AbuseConfig {
+    pub key_sharing: Option<KeySharingConfig>,
+}
+
+/// `abuse.key_sharing`: distinct client addresses per authenticated client and window.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySharingConfig {
+    #[serde(default = "d_max_distinct_ips")]
+    pub max_distinct_ips: u32,
+    #[serde(default = "d_key_sharing_window_s")]
+    pub window_s: u64,
+    #[serde(default = "d_prefix_v4")]
+    pub prefix_v4: u8,
+    #[serde(default = "d_prefix_v6")]
+    pub prefix_v6: u8,
+    /// `log` (default), `deny` or `tighten`.
+    #[serde(default = "d_key_sharing_action")]
+    pub action: String,
+    /// Extension: how many clients the shared table tracks at once.
+    #[serde(default = "d_tracked_clients")]
+    pub tracked_clients: u32,
+}
+
+fn d_max_distinct_ips() -> u32 {
+    20
+}
+fn d_key_sharing_window_s() -> u64 {
+    600
+}
+fn d_prefix_v4() -> u8 {
+    32
+}
+fn d_prefix_v6() -> u8 {
+    64
+}
+fn d_key_sharing_action() -> String {
+    "log".into()
+}
+fn d_tracked_clients() -> u32 {
+    4096
 }
 
 /// Requests that bypass a limit (or every limit of a route), counted as `exempt`.

@@ -68,6 +68,12 @@ impl Worker {
                 format_args!("api-guard: preparing rate-limit tables: {e}"),
             ),
         }
+        if let Err(e) = cfg.abuse.prepare(store) {
+            platform.log(
+                LogLevel::Warn,
+                format_args!("api-guard: preparing the key-sharing table: {e:?}"),
+            );
+        }
         crate::auth::remote_jwks::prepare(&cfg.auth, platform.store());
         let metrics = Metrics::define(&cfg, platform);
         let breaker = cfg
@@ -206,6 +212,10 @@ pub(crate) struct Metrics {
     denied: [Option<CounterId>; ErrorCode::ALL.len()],
     /// Requests that bypassed a rate limit through an `exempt` (one per limit bypassed).
     exempt: Option<CounterId>,
+    /// `abuse.key_sharing`: requests from an address over the allowance, and requests not
+    /// tracked (table page full of live clients, contention).
+    key_sharing_over: Option<CounterId>,
+    key_sharing_untracked: Option<CounterId>,
     /// Per rate limit (by index): allowed, denied, shadow_denied, slot_pressure, contention,
     /// exempt.
     limits: Vec<[Option<CounterId>; 6]>,
@@ -253,6 +263,8 @@ impl Metrics {
             quota_failed: p.define_counter("api_guard.quota.unavailable"),
             denied,
             exempt: p.define_counter("api_guard.exempt"),
+            key_sharing_over: p.define_counter("api_guard.abuse.key_sharing.over"),
+            key_sharing_untracked: p.define_counter("api_guard.abuse.key_sharing.untracked"),
             limits,
         }
     }
@@ -268,6 +280,16 @@ impl Metrics {
         Self::bump(p, self.limits.get(limit).and_then(|c| c[event_index(e)]));
         if e == Event::Exempt {
             Self::bump(p, self.exempt);
+        }
+    }
+
+    /// Counts what the abuse stage saw.
+    pub fn abuse<P: Platform + ?Sized>(&self, p: &P, s: crate::abuse::AbuseState) {
+        if s.over {
+            Self::bump(p, self.key_sharing_over);
+        }
+        if s.untracked {
+            Self::bump(p, self.key_sharing_untracked);
         }
     }
 

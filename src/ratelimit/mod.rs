@@ -274,6 +274,9 @@ impl RateLimiter {
             let Some(params) = limit.rule.params_for(keys.tier()) else {
                 continue; // unlimited or uncovered tier
             };
+            // A cost raised past a bucket's capacity (a `tighten`) asks for the whole bucket
+            // rather than never passing; config validation keeps the route's own cost below.
+            let cost = cost.min(params.capacity());
             let key = limit.table.locate(self.key_hash(limit, keys));
             let read = limit.table.read(store, key, now_ms);
             match read.view {
@@ -349,6 +352,7 @@ impl RateLimiter {
                 continue;
             };
             let (params, key) = (p.params, p.key);
+            let cost = cost.min(params.capacity());
             let res = limit
                 .table
                 .update(store, key, now_ms, Some(p.read), |view| {

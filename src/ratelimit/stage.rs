@@ -85,9 +85,15 @@ fn run(cfg: &Config, req: &Request, ex: &mut Exchange, env: &Env, pre: bool) -> 
     let mut events: [Option<(usize, Event)>; 2 * super::config::MAX_LIMITS_PER_ROUTE] =
         Default::default();
     let mut n = 0;
+    // `abuse.key_sharing` with `tighten`: the per-client limits count this request double.
+    let cost = if !pre && ex.tightened {
+        plan.cost.saturating_mul(crate::abuse::TIGHTEN_COST_FACTOR)
+    } else {
+        plan.cost
+    };
     let decision = rl.check(
         ids,
-        plan.cost,
+        cost,
         plan.exempt.as_ref(),
         &keys,
         env.now_ms,
