@@ -287,7 +287,7 @@ fn world_doc(es: &SigningKey, ed: &ed25519_compact::KeyPair) -> Value {
         },
         "routes": [
             {"name": "health", "match": {"methods": ["GET"], "path": "/healthz"},
-             "auth": {"mode": "none"}},
+             "auth": {"mode": "none"}, "backend_ceiling": {"max_rps": 1}},
             {"name": "login", "match": {"methods": ["POST"], "path": "/auth/login"},
              "auth": {"mode": "none"}, "rate_limits": ["login-per-ip"]},
             {"name": "public", "match": {"prefix": "/public"}, "auth": {"mode": "none"},
@@ -312,7 +312,7 @@ fn world_doc(es: &SigningKey, ed: &ed25519_compact::KeyPair) -> Value {
              "auth": {"mode": "optional", "methods": ["jwt:main", "api_key"]},
              "rate_limits": ["per-client"],
              "max_body_bytes": 64, "content_types": ["application/json", "text/*"],
-             "backend_ceiling": {"max_rps": 1000, "max_in_flight": 2}},
+             "backend_ceiling": {"max_rps": 1, "max_in_flight": 2}},
             {"name": "legacy", "match": {"route_name": "legacy"},
              "auth": {"mode": "required", "methods": ["api_key"]}},
             {"name": "gh", "match": {"methods": ["POST"], "path": "/webhooks/github"},
@@ -359,6 +359,7 @@ fn fresh_store(cfg: &Config) -> MemoryStore {
     cfg.rate_limiter.prepare(&store).expect("rate-limit tables");
     cfg.webhooks.prepare(&store);
     api_guard::auth::remote_jwks::prepare(&cfg.auth, &store);
+    api_guard::hygiene::prepare(cfg, &store);
     store
 }
 
@@ -3116,6 +3117,8 @@ fn hostile_requests_never_panic_and_never_pass_what_they_should_not() {
         "invalid_signature",
         "insufficient_scope",
         "payload_too_large",
+        "unsupported_media_type",
+        "backend_overloaded",
         "rate_limit_exceeded",
         "answer 204",
         "cors_rejected",
