@@ -10,8 +10,8 @@
 //! `Exchange` and calls [`run`] again, which re-enters the same stage.
 
 use crate::client_ip;
-use crate::hygiene::stage as hygiene_stage;
 use crate::config::{Config, Policy};
+use crate::hygiene::stage as hygiene_stage;
 use crate::identity::Identity;
 use crate::reply::{ErrorCode, LocalReply};
 use crate::routes;

@@ -2003,7 +2003,8 @@ fn drive_request(
                 let take = chunk.len().min(limit);
                 fed.extend_from_slice(&chunk[..take]);
                 total += chunk.len();
-                let step = pipeline::on_request_body_total(&mut ex, total, &chunk[..take], last, &env);
+                let step =
+                    pipeline::on_request_body_total(&mut ex, total, &chunk[..take], last, &env);
                 if take < chunk.len() && limit >= 1 {
                     prop_assert!(
                         matches!(&step, BodyVerdict::Reply(r) if r.code == ErrorCode::PayloadTooLarge),

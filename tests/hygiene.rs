@@ -130,7 +130,10 @@ fn request_hygiene_through_envoy() {
     let v = r.json();
     assert_refused(&r, 415, "unsupported_media_type");
     assert!(
-        v["message"].as_str().unwrap_or("").contains("application/json"),
+        v["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("application/json"),
         "names what is accepted: {v}"
     );
     let r = envoy
@@ -216,7 +219,10 @@ fn request_hygiene_through_envoy() {
     overloaded += denied.len() as u64;
 
     // ---- every refusal counted under its code ----------------------------------------------
-    assert_eq!(envoy.stat("wasmcustom.api_guard.denied.payload_too_large"), 3);
+    assert_eq!(
+        envoy.stat("wasmcustom.api_guard.denied.payload_too_large"),
+        3
+    );
     assert_eq!(
         envoy.stat("wasmcustom.api_guard.denied.unsupported_media_type"),
         2

@@ -589,7 +589,9 @@ fn a_body_over_the_limit_during_a_callout_is_refused_and_the_answer_ignored() {
 
 #[test]
 fn content_types_are_an_allow_list_for_requests_with_a_body() {
-    let cases: [(&[(&str, &str)], bool, Option<bool>); 8] = [
+    // (request headers, end of stream at the headers, accepted: None = nothing to check)
+    type Case<'a> = (&'a [(&'a str, &'a str)], bool, Option<bool>);
+    let cases: [Case; 8] = [
         (&[("content-type", "application/json")], false, Some(true)),
         (
             &[("content-type", "Application/JSON; charset=utf-8")],

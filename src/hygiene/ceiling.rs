@@ -147,25 +147,16 @@ impl Ceiling {
         c: &BackendCeilingConfig,
     ) -> Result<Ceiling, ConfigError> {
         if c.max_rps.is_none() && c.max_in_flight.is_none() {
-            return Err(ConfigError::new(
-                path,
-                "needs max_rps and/or max_in_flight",
-            ));
+            return Err(ConfigError::new(path, "needs max_rps and/or max_in_flight"));
         }
         let rps = match c.max_rps {
             None => None,
-            Some(n) => Some(
-                BucketParams::new(n, n, 1)
-                    .map_err(|_| {
-                        ConfigError::new(
-                            format!("{path}.max_rps"),
-                            format!(
-                                "must be 1..={}",
-                                crate::ratelimit::bucket::MAX_TOKENS
-                            ),
-                        )
-                    })?,
-            ),
+            Some(n) => Some(BucketParams::new(n, n, 1).map_err(|_| {
+                ConfigError::new(
+                    format!("{path}.max_rps"),
+                    format!("must be 1..={}", crate::ratelimit::bucket::MAX_TOKENS),
+                )
+            })?),
         };
         let max_in_flight = match c.max_in_flight {
             None => None,
@@ -337,7 +328,10 @@ mod tests {
             .path
         };
         assert_eq!(err(None, None, None), "routes[2].backend_ceiling");
-        assert_eq!(err(Some(0), None, None), "routes[2].backend_ceiling.max_rps");
+        assert_eq!(
+            err(Some(0), None, None),
+            "routes[2].backend_ceiling.max_rps"
+        );
         assert_eq!(
             err(Some(2_000_000_000), None, None),
             "routes[2].backend_ceiling.max_rps"
@@ -398,7 +392,10 @@ mod tests {
         let t0 = 1_700_000_000_000;
         let old = lease(c.admit(&s, t0).unwrap());
         let _leaked = lease(c.admit(&s, t0).unwrap());
-        assert!(matches!(c.admit(&s, t0 + 69_000).unwrap(), Admission::Denied { .. }));
+        assert!(matches!(
+            c.admit(&s, t0 + 69_000).unwrap(),
+            Admission::Denied { .. }
+        ));
         // Past the expiry plus one generation, the leaked admissions no longer count.
         let t1 = t0 + 80_000;
         assert_eq!(c.in_flight(&s, t1), 0);

@@ -191,8 +191,19 @@ mod tests {
             Some(("Application", "JSON"))
         );
         assert_eq!(media_type(" text/plain "), Some(("text", "plain")));
-        assert_eq!(media_type("application/json;"), Some(("application", "json")));
-        for bad in ["", "json", "/json", "application/", "a/b/c", "a b/c", "a/j,x/y"] {
+        assert_eq!(
+            media_type("application/json;"),
+            Some(("application", "json"))
+        );
+        for bad in [
+            "",
+            "json",
+            "/json",
+            "application/",
+            "a/b/c",
+            "a b/c",
+            "a/j,x/y",
+        ] {
             assert_eq!(media_type(bad), None, "{bad}");
         }
         let r = compile_range("p", "application/json").unwrap();

@@ -118,7 +118,10 @@ pub fn body(cfg: &Config, req: &Request, ex: &mut Exchange, _env: &Env) -> Step 
         // Already counted to the end (e.g. by the webhook check).
         ex.hygiene.waiting = false;
         return if ex.hygiene.received > limit {
-            Step::Reply(too_large(limit, format!("of {} bytes", ex.hygiene.received)))
+            Step::Reply(too_large(
+                limit,
+                format!("of {} bytes", ex.hygiene.received),
+            ))
         } else {
             Step::Next
         };
@@ -175,9 +178,7 @@ pub fn ceiling(cfg: &Config, _req: &Request, ex: &mut Exchange, env: &Env) -> St
     Step::Reply(
         LocalReply::new(
             ErrorCode::BackendOverloaded,
-            format!(
-                "this route's backend is at its ceiling ({limit}); retry in {retry_after_s} s"
-            ),
+            format!("this route's backend is at its ceiling ({limit}); retry in {retry_after_s} s"),
         )
         .with_field("retry_after", retry_after_s)
         .with_header("retry-after", retry_after_s.to_string())
