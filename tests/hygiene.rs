@@ -124,6 +124,11 @@ fn request_hygiene_through_envoy() {
     let r = envoy.req("POST", "/small").body(vec![b'e'; 16]).send();
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["body_len"], 16);
+    assert_eq!(
+        upstream_requests(&envoy),
+        before + 2,
+        "the stat that proved nothing went upstream does count what does"
+    );
 
     // ---- content_types: 415 ----------------------------------------------------------------
     let r = envoy.req("POST", "/json").body("{}").send();
