@@ -7,6 +7,7 @@
 mod common;
 
 use common::*;
+use serde_json::json;
 use std::io::{BufReader, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
@@ -83,7 +84,16 @@ fn response(s: TcpStream) -> Resp {
 
 #[test]
 fn request_hygiene_through_envoy() {
-    let envoy = Envoy::builder(CONFIG).exact_balance().start();
+    let envoy = Envoy::builder(CONFIG)
+        .exact_balance()
+        .routes(vec![
+            // An upstream that times out (Envoy's own 504) is a stream end too.
+            json!({"name": "short", "match": {"prefix": "/slow/timeout"},
+                   "route": {"cluster": "upstream", "timeout": "0.5s"}}),
+            json!({"name": "default-route", "match": {"prefix": "/"},
+                   "route": {"cluster": "upstream", "timeout": "15s"}}),
+        ])
+        .start();
     let mut overloaded = 0u64;
 
     // ---- max_body_bytes: 413 ---------------------------------------------------------------
@@ -199,6 +209,23 @@ fn request_hygiene_through_envoy() {
             r.status == 200
         }),
         "a new request passes once a held one was reset by its client"
+    );
+    // And an upstream timeout (Envoy answers 504 itself) gives its slot back.
+    let times_out = held(envoy.port, "/slow/timeout", 5_000);
+    assert!(eventually(Duration::from_secs(5), || received_on(
+        &envoy,
+        "/slow/timeout"
+    ) == 1));
+    assert_refused(&envoy.get("/slow/h"), 503, "backend_overloaded");
+    overloaded += 1;
+    assert_eq!(response(times_out).status, 504);
+    assert!(
+        eventually(Duration::from_secs(3), || {
+            let r = envoy.get("/slow/i");
+            overloaded += u64::from(r.status == 503);
+            r.status == 200
+        }),
+        "a new request passes once a held one timed out upstream"
     );
 
     // ---- backend_ceiling.max_rps: 3 --------------------------------------------------------
