@@ -12,6 +12,7 @@ pub mod driver;
 pub mod events;
 pub mod headers;
 pub mod host;
+pub mod hygiene;
 pub mod identity;
 pub mod pipeline;
 pub mod quota_client;

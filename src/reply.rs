@@ -18,12 +18,16 @@ pub enum ErrorCode {
     QuotaUnavailable,
     /// One client identity from more addresses than `abuse.key_sharing` allows (`deny`).
     CredentialAbuse,
+    /// A request body's content type outside the route's `content_types`.
+    UnsupportedMediaType,
+    /// The route's `backend_ceiling` is reached.
+    BackendOverloaded,
     /// The filter failed on this request (a panic caught by the native module's guard).
     InternalError,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::InvalidRequest,
         ErrorCode::MissingCredentials,
         ErrorCode::InvalidToken,
@@ -36,6 +40,8 @@ impl ErrorCode {
         ErrorCode::QuotaExceeded,
         ErrorCode::QuotaUnavailable,
         ErrorCode::CredentialAbuse,
+        ErrorCode::UnsupportedMediaType,
+        ErrorCode::BackendOverloaded,
         ErrorCode::InternalError,
     ];
 
@@ -54,6 +60,8 @@ impl ErrorCode {
             ErrorCode::QuotaExceeded => "quota_exceeded",
             ErrorCode::QuotaUnavailable => "quota_unavailable",
             ErrorCode::CredentialAbuse => "credential_abuse",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
+            ErrorCode::BackendOverloaded => "backend_overloaded",
             ErrorCode::InternalError => "internal_error",
         }
     }
@@ -71,7 +79,8 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::RateLimitExceeded => 429,
             ErrorCode::QuotaExceeded => 402,
-            ErrorCode::QuotaUnavailable => 503,
+            ErrorCode::QuotaUnavailable | ErrorCode::BackendOverloaded => 503,
+            ErrorCode::UnsupportedMediaType => 415,
             ErrorCode::InternalError => 500,
         }
     }
