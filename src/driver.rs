@@ -96,6 +96,7 @@ impl Driver {
     ) -> Action {
         // A request without a body is complete now: a body check finishes immediately.
         self.body_ended = end_of_stream;
+        self.ex.body_ended = end_of_stream;
         self.drive(host, true, false)
     }
 
@@ -161,13 +162,22 @@ impl Driver {
         let _ = self.jwks_done(host, provider, waiter, body, true);
     }
 
-    /// The stream is over. A webhook request whose body never reached the filter means
-    /// Envoy held it back: with `allow_on_headers_stop_iteration: false` (Envoy's default for
+    /// The stream is over. A request held for its body (webhook, body count) whose body never
+    /// reached the filter means Envoy held it back: with `allow_on_headers_stop_iteration: false` (Envoy's default for
     /// proxy-wasm) pausing at the headers withholds the body callbacks too, the router never
     /// sees the request (so not even the route timeout starts), and it hangs until the
     /// client gives up. Said loudly, once per worker (a client that leaves before sending its
     /// body looks the same, hence the hedged wording).
+    ///
+    /// Whatever the end (normal, client reset, local reply, upstream timeout), what the
+    /// request holds in shared state is given back here (the backend ceiling's in-flight
+    /// admission): both deliveries call this on every stream end.
     pub fn on_done<H: Host + ?Sized>(&mut self, host: &mut H) {
+        let env = Env {
+            now_ms: host.now_ms(),
+            store: host.store(),
+        };
+        pipeline::on_stream_end(&self.worker.config, &mut self.ex, &env);
         if pipeline::waits_for_body(&self.ex)
             && !self.body_seen
             && !self.ex.replied
@@ -176,10 +186,10 @@ impl Driver {
             host.log(
                 LogLevel::Error,
                 format_args!(
-                    "api-guard: a request on webhook route '{}' ended without its body ever \
-                     reaching the filter. If webhook requests hang with no answer until the \
-                     client gives up, set `allow_on_headers_stop_iteration: true` in the Wasm \
-                     plugin config: with Envoy's default (false), holding the request headers \
+                    "api-guard: a request on route '{}', held for its body (webhook signature \
+                     or max_body_bytes), ended without its body ever reaching the filter. If \
+                     such requests hang with no answer until the client gives up, set \
+                     `allow_on_headers_stop_iteration: true` in the Wasm plugin config: with Envoy's default (false), holding the request headers \
                      also withholds the body from the filter",
                     self.ex.route_name(&self.worker.config)
                 ),
@@ -191,6 +201,11 @@ impl Driver {
     /// headers) or again from the current stage after a wait (the request headers are still
     /// readable while the request is held). `paused`: whether the request is already held.
     fn drive<H: Host + ?Sized>(&mut self, host: &mut H, first: bool, paused: bool) -> Action {
+        if self.ex.replied {
+            // Answered while a callout was pending (a body over its limit): the callout's
+            // answer must not run the pipeline on.
+            return Action::Pause;
+        }
         let worker = Rc::clone(&self.worker);
         let config = &worker.config;
         let r = read_request(host, config.needs_route_name);
@@ -376,10 +391,13 @@ impl Driver {
     /// them as they stream), and carries out what it decides. The request stays held until
     /// then, and the host keeps the body to forward it unchanged later.
     fn feed_body<H: Host + ?Sized>(&mut self, host: &mut H, paused: bool) -> Action {
-        let chunk = if self.body_buffered > self.body_fed {
-            // Never more than the check can use: one byte past the limit already fails it.
-            let want =
-                (self.body_buffered - self.body_fed).min(pipeline::body_read_limit(&self.ex));
+        // Never more than the check can use: one byte past the limit already fails it, and
+        // counting a body's size needs none.
+        let want = self
+            .body_buffered
+            .saturating_sub(self.body_fed)
+            .min(pipeline::body_read_limit(&self.ex));
+        let chunk = if want > 0 {
             host.request_body(self.body_fed, want)
         } else {
             Vec::new()
@@ -389,7 +407,13 @@ impl Driver {
             now_ms: host.now_ms(),
             store: host.store(),
         };
-        let step = pipeline::on_request_body(&mut self.ex, &chunk, self.body_ended, &env);
+        let step = pipeline::on_request_body_total(
+            &mut self.ex,
+            self.body_buffered,
+            &chunk,
+            self.body_ended,
+            &env,
+        );
         drop(chunk);
         match step {
             BodyVerdict::More => Action::Pause,
@@ -422,6 +446,15 @@ impl Driver {
             self.feed_body(host, false)
         } else if self.ex.stage == pipeline::Stage::Done {
             Action::Continue
+        } else if pipeline::counts_body(&self.ex) {
+            // Held for something else (a callout): still never buffer past the limit.
+            match pipeline::check_body_size(&mut self.ex, self.body_buffered, self.body_ended) {
+                Some(reply) => {
+                    let r = read_request(host, false);
+                    self.act(host, Verdict::Reply(reply), r.method(), r.path(), false)
+                }
+                None => Action::Pause,
+            }
         } else {
             Action::Pause
         }

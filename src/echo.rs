@@ -3,7 +3,9 @@
 //! It answers every request with JSON describing it: method, path, headers and body, so a
 //! caller can see exactly what the filter forwarded. Two request headers steer it, for tests:
 //! `x-echo-status: 404` picks the status, `x-echo-header: name: value` adds a response header
-//! (repeatable as a comma-free list via several headers is not needed; one is enough).
+//! (repeatable as a comma-free list via several headers is not needed; one is enough),
+//! `x-echo-delay-ms: 2000` holds the answer that long (at most [`MAX_DELAY_MS`]) after the
+//! request was received and recorded: a slow backend, for in-flight tests.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -38,6 +40,8 @@ pub struct EchoServer {
 
 const MAX_HEAD: usize = 64 * 1024;
 const MAX_BODY: usize = 32 * 1024 * 1024;
+/// Longest `x-echo-delay-ms` honoured.
+pub const MAX_DELAY_MS: u64 = 60_000;
 
 impl EchoServer {
     /// Binds `addr` (e.g. `127.0.0.1:0`) and serves in background threads.
@@ -70,7 +74,7 @@ impl EchoServer {
 }
 
 fn serve(stream: TcpStream, rec: &Mutex<Vec<Received>>) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    stream.set_read_timeout(Some(Duration::from_secs(90)))?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
     loop {
@@ -98,8 +102,15 @@ fn serve(stream: TcpStream, rec: &Mutex<Vec<Received>>) -> std::io::Result<()> {
             "body_len": req.body.len(),
         }))
         .unwrap_or_default();
+        let delay_ms = req
+            .header("x-echo-delay-ms")
+            .and_then(|s| s.parse::<u64>().ok())
+            .map_or(0, |d| d.min(MAX_DELAY_MS));
         if let Ok(mut v) = rec.lock() {
             v.push(req);
+        }
+        if delay_ms > 0 {
+            thread::sleep(Duration::from_millis(delay_ms));
         }
         let mut head = format!(
             "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",

@@ -479,12 +479,28 @@ fn lint_wasm(cfg_path: &str, wasm: &Value, raw: &Value, report: &mut Report) {
         .get("allow_on_headers_stop_iteration")
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    if has_webhooks && !stop_ok {
+    // A route's max_body_bytes holds a body of unknown length the same way.
+    let counts_bodies = raw
+        .get("routes")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .chain(raw.get("default_route"))
+        .any(|r| r.get("max_body_bytes").is_some());
+    if (has_webhooks || counts_bodies) && !stop_ok {
+        let what = if has_webhooks {
+            "webhooks are configured"
+        } else {
+            "a route sets max_body_bytes"
+        };
         report.error(
             join(cfg_path, "allow_on_headers_stop_iteration"),
-            "webhooks are configured but allow_on_headers_stop_iteration is not true: Envoy \
-             never hands the body to the filter while it holds the headers, and every webhook \
-             request hangs until Envoy's timeout. Add `allow_on_headers_stop_iteration: true`",
+            format!(
+                "{what} but allow_on_headers_stop_iteration is not true: Envoy never hands \
+                 the body to the filter while it holds the headers, and every request whose \
+                 body the filter must see hangs until Envoy's timeout. Add \
+                 `allow_on_headers_stop_iteration: true`"
+            ),
         );
     }
     let fail_open = wasm.get("failure_policy").and_then(Value::as_str) == Some("FAIL_OPEN")
@@ -673,5 +689,36 @@ mod tests {
         assert_eq!(check(&doc, &no_env).errors(), 1);
         assert!(looks_like_envoy(&doc));
         assert!(!looks_like_envoy(&open()));
+    }
+
+    #[test]
+    fn a_route_counting_its_body_needs_stop_iteration_too() {
+        let cfg = json!({
+            "routes": [ { "name": "up", "match": { "path": "/up" }, "auth": { "mode": "none" },
+                          "max_body_bytes": 1024 } ],
+            "default_route": { "auth": { "mode": "none" } }
+        });
+        let doc = bootstrap(
+            json!({ "use_remote_address": true }),
+            vec![wasm_filter(&cfg, json!({})), router()],
+            &[],
+        );
+        let r = check(&doc, &no_env);
+        assert!(
+            r.findings.iter().any(|f| f.severity == Severity::Error
+                && f.path.ends_with("allow_on_headers_stop_iteration")
+                && f.message.contains("max_body_bytes")),
+            "{:?}",
+            r.findings
+        );
+        let doc = bootstrap(
+            json!({ "use_remote_address": true }),
+            vec![
+                wasm_filter(&cfg, json!({ "allow_on_headers_stop_iteration": true })),
+                router(),
+            ],
+            &[],
+        );
+        assert_eq!(check(&doc, &no_env).errors(), 0);
     }
 }

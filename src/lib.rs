@@ -10,6 +10,7 @@ pub mod cors;
 pub mod driver;
 pub mod headers;
 pub mod host;
+pub mod hygiene;
 pub mod identity;
 pub mod pipeline;
 pub mod quota_client;

@@ -1,7 +1,8 @@
 //! The request path (SPEC section 3), as pure logic the glue drives.
 //!
-//! Order: route → path checks → CORS preflight → per-IP/route limits → credentials → scopes →
-//! per-client limits → quota → webhook body check → forward.
+//! Order: route → path checks → CORS preflight → request hygiene (declared body size, content
+//! type) → per-IP/route limits → credentials → scopes → per-client limits → quota → webhook
+//! body check → body size of a body of unknown length → backend ceiling → forward.
 //!
 //! The glue reads the request once into a [`Request`], keeps an [`Exchange`] per request and
 //! calls [`on_request_headers`]. A stage that needs the host to do something asynchronous (an
@@ -10,6 +11,7 @@
 
 use crate::client_ip;
 use crate::config::{Config, Policy};
+use crate::hygiene::stage as hygiene_stage;
 use crate::identity::Identity;
 use crate::reply::{ErrorCode, LocalReply};
 use crate::routes;
@@ -65,12 +67,15 @@ pub enum Matched {
 pub enum Stage {
     #[default]
     Cors,
+    Hygiene,
     PreAuthLimits,
     Credentials,
     Scopes,
     ClientLimits,
     Quota,
     Webhook,
+    Body,
+    Ceiling,
     Forward,
     Done,
 }
@@ -79,7 +84,8 @@ pub enum Stage {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Wait {
     /// Hold the request and feed its body to [`on_request_body`] as it arrives (webhook
-    /// signatures cover the body); forward nothing until that says so.
+    /// signatures cover the body; a body of unknown length is counted against
+    /// `max_body_bytes`); forward nothing until that says so.
     Body,
     /// Fetch the remote JWKS of `jwt_providers[provider]` (index in `cfg.auth.providers`),
     /// store it with `auth::remote_jwks::store_result`, set `Exchange::jwks_fetched`, re-run.
@@ -145,6 +151,11 @@ pub struct Exchange {
     pub jwks_fetched: bool,
     /// The quota callout's result, set by the glue before re-running the quota stage.
     pub quota: Option<crate::quota_client::QuotaOutcome>,
+    /// The request body has ended (with the headers, or a later body callback). Set by the
+    /// glue; `false` (a body may follow) is the safe default.
+    pub body_ended: bool,
+    /// Request hygiene: body size count, the ceiling's in-flight admission.
+    pub hygiene: crate::hygiene::stage::HygieneState,
 }
 
 impl Exchange {
@@ -221,12 +232,15 @@ pub fn run(cfg: &Config, req: &Request, ex: &mut Exchange, env: &Env) -> Verdict
     loop {
         let step = match ex.stage {
             Stage::Cors => crate::cors::stage(cfg, req, ex),
+            Stage::Hygiene => hygiene_stage::headers(cfg, req, ex, env),
             Stage::PreAuthLimits => crate::ratelimit::stage::pre_auth(cfg, req, ex, env),
             Stage::Credentials => crate::auth::stage::credentials(cfg, req, ex, env),
             Stage::Scopes => crate::auth::stage::scopes(cfg, req, ex, env),
             Stage::ClientLimits => crate::ratelimit::stage::client(cfg, req, ex, env),
             Stage::Quota => crate::quota_client::stage(cfg, req, ex, env),
             Stage::Webhook => webhook_stage::run(cfg, req, ex, env),
+            Stage::Body => hygiene_stage::body(cfg, req, ex, env),
+            Stage::Ceiling => hygiene_stage::ceiling(cfg, req, ex, env),
             Stage::Forward | Stage::Done => {
                 ex.stage = Stage::Done;
                 return Verdict::Forward(upstream_edits(cfg, req, ex, env));
@@ -249,14 +263,21 @@ pub fn run(cfg: &Config, req: &Request, ex: &mut Exchange, env: &Env) -> Verdict
 
 /// Whether the pipeline waits for the request body (after [`Wait::Body`]).
 pub fn waits_for_body(ex: &Exchange) -> bool {
-    webhook_stage::waits_for_body(ex)
+    webhook_stage::waits_for_body(ex) || ex.hygiene.waiting
 }
 
 /// The most body bytes the glue should copy out of the host for the next
 /// [`on_request_body`] call: a body check needs at most one byte past its limit to refuse
-/// it, so a client's oversized body is never copied into the VM.
+/// it, so a client's oversized body is never copied into the VM. Counting a body's size
+/// needs no bytes at all (0).
 pub fn body_read_limit(ex: &Exchange) -> usize {
-    webhook_stage::body_read_limit(ex)
+    if webhook_stage::waits_for_body(ex) {
+        webhook_stage::body_read_limit(ex)
+    } else if ex.hygiene.waiting {
+        0
+    } else {
+        usize::MAX
+    }
 }
 
 /// What the glue does after [`on_request_body`].
@@ -270,13 +291,39 @@ pub enum BodyVerdict {
 }
 
 /// Feeds body bytes that arrived since the last call (`chunk` may be empty) to the stage
-/// waiting for the body; `end_of_stream` finishes the check.
+/// waiting for the body; `end_of_stream` finishes the check. The running total is the
+/// bytes fed so far: see [`on_request_body_total`] when the glue copies only part of them.
 pub fn on_request_body(
     ex: &mut Exchange,
     chunk: &[u8],
     end_of_stream: bool,
     env: &Env,
 ) -> BodyVerdict {
+    let total = ex.hygiene.received.saturating_add(chunk.len());
+    on_request_body_total(ex, total, chunk, end_of_stream, env)
+}
+
+/// [`on_request_body`] with the body's running total given by the host (`total`): `chunk`
+/// holds the new bytes the glue read (at most [`body_read_limit`], possibly none). The route's
+/// `max_body_bytes` is checked first, whatever stage holds the request.
+pub fn on_request_body_total(
+    ex: &mut Exchange,
+    total: usize,
+    chunk: &[u8],
+    end_of_stream: bool,
+    env: &Env,
+) -> BodyVerdict {
+    if let Some(r) = hygiene_stage::on_body(ex, total, end_of_stream) {
+        ex.stage = Stage::Done;
+        return BodyVerdict::Reply(r);
+    }
+    if ex.hygiene.waiting && !webhook_stage::waits_for_body(ex) {
+        if !ex.body_ended {
+            return BodyVerdict::More;
+        }
+        ex.hygiene.waiting = false;
+        return BodyVerdict::Continue;
+    }
     match webhook_stage::on_body(ex, chunk, end_of_stream, env) {
         BodyStep::More => BodyVerdict::More,
         // The stage sees `Verified` when `run` re-enters it.
@@ -288,15 +335,39 @@ pub fn on_request_body(
     }
 }
 
+/// Whether a body event may be over the route's `max_body_bytes` while no stage waits for
+/// the body (a callout pending): the glue then feeds the total to [`on_request_body_total`]
+/// at once rather than buffering on.
+pub fn counts_body(ex: &Exchange) -> bool {
+    ex.hygiene.body_limit.is_some() && ex.stage != Stage::Done
+}
+
+/// Checks the body's running total against the route's `max_body_bytes` while the request
+/// is held for something else; `Some` reply (the request is then finished) when over it.
+pub fn check_body_size(ex: &mut Exchange, total: usize, end_of_stream: bool) -> Option<LocalReply> {
+    let r = hygiene_stage::on_body(ex, total, end_of_stream)?;
+    ex.stage = Stage::Done;
+    Some(r)
+}
+
+/// The stream is over, however it ended (normal end, reset, local reply, timeout): gives
+/// back what the request held in shared state (the backend ceiling's in-flight admission).
+pub fn on_stream_end(cfg: &Config, ex: &mut Exchange, env: &Env) {
+    hygiene_stage::release(cfg, ex, env);
+}
+
 fn next(s: Stage) -> Stage {
     match s {
-        Stage::Cors => Stage::PreAuthLimits,
+        Stage::Cors => Stage::Hygiene,
+        Stage::Hygiene => Stage::PreAuthLimits,
         Stage::PreAuthLimits => Stage::Credentials,
         Stage::Credentials => Stage::Scopes,
         Stage::Scopes => Stage::ClientLimits,
         Stage::ClientLimits => Stage::Quota,
         Stage::Quota => Stage::Webhook,
-        Stage::Webhook => Stage::Forward,
+        Stage::Webhook => Stage::Body,
+        Stage::Body => Stage::Ceiling,
+        Stage::Ceiling => Stage::Forward,
         Stage::Forward | Stage::Done => Stage::Done,
     }
 }

@@ -16,12 +16,16 @@ pub enum ErrorCode {
     RateLimitExceeded,
     QuotaExceeded,
     QuotaUnavailable,
+    /// A request body's content type outside the route's `content_types`.
+    UnsupportedMediaType,
+    /// The route's `backend_ceiling` is reached.
+    BackendOverloaded,
     /// The filter failed on this request (a panic caught by the native module's guard).
     InternalError,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 12] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::InvalidRequest,
         ErrorCode::MissingCredentials,
         ErrorCode::InvalidToken,
@@ -33,6 +37,8 @@ impl ErrorCode {
         ErrorCode::RateLimitExceeded,
         ErrorCode::QuotaExceeded,
         ErrorCode::QuotaUnavailable,
+        ErrorCode::UnsupportedMediaType,
+        ErrorCode::BackendOverloaded,
         ErrorCode::InternalError,
     ];
 
@@ -50,6 +56,8 @@ impl ErrorCode {
             ErrorCode::RateLimitExceeded => "rate_limit_exceeded",
             ErrorCode::QuotaExceeded => "quota_exceeded",
             ErrorCode::QuotaUnavailable => "quota_unavailable",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
+            ErrorCode::BackendOverloaded => "backend_overloaded",
             ErrorCode::InternalError => "internal_error",
         }
     }
@@ -65,7 +73,8 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::RateLimitExceeded => 429,
             ErrorCode::QuotaExceeded => 402,
-            ErrorCode::QuotaUnavailable => 503,
+            ErrorCode::QuotaUnavailable | ErrorCode::BackendOverloaded => 503,
+            ErrorCode::UnsupportedMediaType => 415,
             ErrorCode::InternalError => 500,
         }
     }

@@ -287,7 +287,7 @@ fn world_doc(es: &SigningKey, ed: &ed25519_compact::KeyPair) -> Value {
         },
         "routes": [
             {"name": "health", "match": {"methods": ["GET"], "path": "/healthz"},
-             "auth": {"mode": "none"}},
+             "auth": {"mode": "none"}, "backend_ceiling": {"max_rps": 1}},
             {"name": "login", "match": {"methods": ["POST"], "path": "/auth/login"},
              "auth": {"mode": "none"}, "rate_limits": ["login-per-ip"]},
             {"name": "public", "match": {"prefix": "/public"}, "auth": {"mode": "none"},
@@ -310,11 +310,14 @@ fn world_doc(es: &SigningKey, ed: &ed25519_compact::KeyPair) -> Value {
              "auth": {"mode": "required", "methods": ["jwt:idp"]}},
             {"name": "open", "match": {"prefix": "/open"},
              "auth": {"mode": "optional", "methods": ["jwt:main", "api_key"]},
-             "rate_limits": ["per-client"]},
+             "rate_limits": ["per-client"],
+             "max_body_bytes": 64, "content_types": ["application/json", "text/*"],
+             "backend_ceiling": {"max_rps": 1, "max_in_flight": 2}},
             {"name": "legacy", "match": {"route_name": "legacy"},
              "auth": {"mode": "required", "methods": ["api_key"]}},
             {"name": "gh", "match": {"methods": ["POST"], "path": "/webhooks/github"},
-             "auth": {"mode": "none"}, "webhook": "github", "rate_limits": ["hooks"]},
+             "auth": {"mode": "none"}, "webhook": "github", "rate_limits": ["hooks"],
+             "max_body_bytes": 150},
             {"name": "stripe", "match": {"methods": ["POST"], "path": "/webhooks/stripe"},
              "webhook": "stripe"},
             {"name": "std", "match": {"methods": ["POST"], "path": "/webhooks/standard"},
@@ -356,6 +359,7 @@ fn fresh_store(cfg: &Config) -> MemoryStore {
     cfg.rate_limiter.prepare(&store).expect("rate-limit tables");
     cfg.webhooks.prepare(&store);
     api_guard::auth::remote_jwks::prepare(&cfg.auth, &store);
+    api_guard::hygiene::prepare(cfg, &store);
     store
 }
 
@@ -1143,6 +1147,7 @@ fn request(t: &mut Tape, w: &World, now_ms: u64, signed: &mut Signed) -> Req {
                 .to_string(),
             8 => "h".repeat(t.pick(&[1usize, 300, 10_000]).to_owned()),
             9 => "access-control-request-method".to_string(),
+            10 => "content-type".to_string(),
             _ => format!("x-{}", t.next() % 50),
         };
         let value = match name.as_str() {
@@ -1159,6 +1164,20 @@ fn request(t: &mut Tape, w: &World, now_ms: u64, signed: &mut Signed) -> Req {
                 ])
                 .to_string(),
             "x-user" => t.pick(&["alice", "bob", ""]).to_string(),
+            "content-type" => t
+                .pick(&[
+                    "application/json",
+                    "Application/JSON; charset=utf-8",
+                    "text/plain",
+                    "text/csv;",
+                    "application/jsonx",
+                    "application/x-www-form-urlencoded",
+                    "json",
+                    "",
+                    "*/*",
+                    "application/json, text/html",
+                ])
+                .to_string(),
             _ => weird_string(t),
         };
         headers.push((name, value));
@@ -1904,7 +1923,26 @@ struct Run {
     quota: Option<QuotaRecord>,
 }
 
+/// One request through the pipeline, then its stream's end (what it held in shared state,
+/// the backend ceiling's in-flight admission, goes back, as the driver's `on_done` does).
 fn drive(
+    cfg: &Config,
+    store: &MemoryStore,
+    r: &Req,
+    t: &mut Tape,
+    sim: &mut QuotaSim,
+) -> Result<Run, TestCaseError> {
+    let mut run = drive_request(cfg, store, r, t, sim)?;
+    let env = Env {
+        now_ms: r.now_ms,
+        store,
+    };
+    pipeline::on_stream_end(cfg, &mut run.ex, &env);
+    prop_assert!(run.ex.hygiene.lease.is_none());
+    Ok(run)
+}
+
+fn drive_request(
     cfg: &Config,
     store: &MemoryStore,
     r: &Req,
@@ -1922,8 +1960,13 @@ fn drive(
         source_address: r.source.as_deref(),
         route_name: r.route_name.as_deref(),
     };
-    let mut ex = Exchange::default();
+    // As the glue: a request without body chunks ended with its headers.
+    let mut ex = Exchange {
+        body_ended: r.chunks.is_empty(),
+        ..Default::default()
+    };
     let mut fed = Vec::new();
+    let mut total = 0usize;
     let mut chunks = r.chunks.iter();
     let mut jwks_waits = 0;
     let mut quota: Option<QuotaRecord> = None;
@@ -1953,13 +1996,16 @@ fn drive(
                     return Err(TestCaseError::fail("waits for a body that has ended"));
                 };
                 let last = chunks.as_slice().is_empty();
-                // The glue copies at most this much out of Envoy's buffer.
+                // The glue copies at most this much out of Envoy's buffer (nothing when only
+                // the body's size is counted), and always reports the running total.
                 let limit = pipeline::body_read_limit(&ex);
-                prop_assert!(limit >= 1);
+                prop_assert!(limit >= 1 || ex.hygiene.waiting);
                 let take = chunk.len().min(limit);
                 fed.extend_from_slice(&chunk[..take]);
-                let step = pipeline::on_request_body(&mut ex, &chunk[..take], last, &env);
-                if take < chunk.len() {
+                total += chunk.len();
+                let step =
+                    pipeline::on_request_body_total(&mut ex, total, &chunk[..take], last, &env);
+                if take < chunk.len() && limit >= 1 {
                     prop_assert!(
                         matches!(&step, BodyVerdict::Reply(r) if r.code == ErrorCode::PayloadTooLarge),
                         "a capped read must end in 413, got {:?}",
@@ -2189,9 +2235,9 @@ fn check_reply(cfg: &Config, r: &Req, run: &Run, rep: &LocalReply) -> Result<(),
     prop_assert_eq!(first(&hdrs, "content-type"), Some("application/json"));
     prop_assert_eq!(first(&hdrs, "cache-control"), Some("no-store"));
     match rep.code {
-        ErrorCode::RateLimitExceeded => {
+        ErrorCode::RateLimitExceeded | ErrorCode::BackendOverloaded => {
             let secs = body["retry_after"].as_u64().unwrap_or(0);
-            prop_assert!(secs >= 1, "429 body needs retry_after: {}", body);
+            prop_assert!(secs >= 1, "{} body needs retry_after: {}", rep.status, body);
             let want = secs.to_string();
             prop_assert_eq!(first(&hdrs, "retry-after"), Some(want.as_str()));
         }
@@ -2271,6 +2317,38 @@ fn check_forward(
             k,
             v
         );
+    }
+    check_hygiene_forward(cfg, r, run)
+}
+
+/// A forwarded request on a route with hygiene checks met them: body within
+/// `max_body_bytes` (the declared length when there is one: Envoy's codec enforces it),
+/// an accepted content type whenever there is a body.
+fn check_hygiene_forward(cfg: &Config, r: &Req, run: &Run) -> Result<(), TestCaseError> {
+    let Some(h) = run.ex.policy(cfg).and_then(|p| p.hygiene.as_ref()) else {
+        return Ok(());
+    };
+    let declared: Option<u64> = match count(&r.headers, "content-length") {
+        1 => first(&r.headers, "content-length").and_then(|v| v.trim().parse().ok()),
+        _ => None,
+    };
+    let actual: usize = r.chunks.iter().map(Vec::len).sum();
+    if let Some(limit) = h.max_body_bytes {
+        match declared {
+            Some(n) => prop_assert!(n <= limit as u64, "declared {} over {}", n, limit),
+            None => prop_assert!(actual <= limit, "body of {} over {}", actual, limit),
+        }
+    }
+    let has_body = match declared {
+        Some(n) => n > 0,
+        None => !r.chunks.is_empty() || count(&r.headers, "transfer-encoding") > 0,
+    };
+    if !h.content_types.is_empty() && has_body {
+        prop_assert_eq!(count(&r.headers, "content-type"), 1);
+        let ct = first(&r.headers, "content-type").unwrap_or("");
+        let ok = api_guard::hygiene::media_type(ct)
+            .is_some_and(|(ty, sub)| h.content_types.iter().any(|m| m.matches(ty, sub)));
+        prop_assert!(ok, "forwarded content-type {:?}", ct);
     }
     Ok(())
 }
@@ -2681,6 +2759,7 @@ fn check_world(
     let auth = policy.and_then(|p| p.auth.as_ref());
     let mode = auth.map_or("none", |a| a.mode.as_str());
     let webhook = policy.and_then(|p| p.webhook.as_deref());
+    let hygiene = policy.and_then(|p| p.hygiene.as_ref());
 
     if let Outcome::Reply(rep) = &run.outcome {
         // Only the stages a route has can refuse it.
@@ -2696,9 +2775,24 @@ fn check_world(
                     rep.code
                 )
             }
-            ErrorCode::InvalidSignature | ErrorCode::PayloadTooLarge => {
+            ErrorCode::InvalidSignature => {
                 prop_assert!(webhook.is_some(), "{:?} on route {:?}", rep.code, route)
             }
+            ErrorCode::PayloadTooLarge => prop_assert!(
+                webhook.is_some() || hygiene.is_some_and(|h| h.max_body_bytes.is_some()),
+                "413 on route {:?}",
+                route
+            ),
+            ErrorCode::UnsupportedMediaType => prop_assert!(
+                hygiene.is_some_and(|h| !h.content_types.is_empty()),
+                "415 on route {:?}",
+                route
+            ),
+            ErrorCode::BackendOverloaded => prop_assert!(
+                hygiene.is_some_and(|h| h.ceiling.is_some()),
+                "backend_overloaded on route {:?}",
+                route
+            ),
             ErrorCode::MissingCredentials
             | ErrorCode::InvalidToken
             | ErrorCode::InvalidApiKey
@@ -3024,6 +3118,8 @@ fn hostile_requests_never_panic_and_never_pass_what_they_should_not() {
         "invalid_signature",
         "insufficient_scope",
         "payload_too_large",
+        "unsupported_media_type",
+        "backend_overloaded",
         "rate_limit_exceeded",
         "answer 204",
         "cors_rejected",

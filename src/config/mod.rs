@@ -67,6 +67,8 @@ pub struct Policy {
     pub webhook: Option<String>,
     /// `rate_limits` resolved and split into pre-auth / post-auth stages.
     pub limits: crate::ratelimit::RoutePlan,
+    /// `max_body_bytes`, `content_types`, `backend_ceiling`; `None` when none is set.
+    pub hygiene: Option<crate::hygiene::Hygiene>,
 }
 
 #[derive(Debug, Clone)]
@@ -343,6 +345,7 @@ fn compile_policy(
         quota,
         webhook: webhook.clone(),
         limits: Default::default(),
+        hygiene: None,
     })
 }
 
@@ -567,6 +570,13 @@ pub fn compile(raw: RawConfig, env: EnvLookup<'_>) -> Result<(Config, Vec<Warnin
             &r.webhook,
         )?;
         policy.limits = rate_limiter.plan(&path, &policy.rate_limits, policy.cost)?;
+        policy.hygiene = crate::hygiene::compile(
+            &path,
+            &format!("ag:ceil:r:{}", r.name),
+            r.max_body_bytes,
+            r.content_types.as_deref(),
+            r.backend_ceiling.as_ref(),
+        )?;
         routes_out.push(Route {
             name: r.name.clone(),
             matcher,
@@ -585,6 +595,13 @@ pub fn compile(raw: RawConfig, env: EnvLookup<'_>) -> Result<(Config, Vec<Warnin
                 &d.webhook,
             )?;
             policy.limits = rate_limiter.plan("default_route", &policy.rate_limits, policy.cost)?;
+            policy.hygiene = crate::hygiene::compile(
+                "default_route",
+                "ag:ceil:d",
+                d.max_body_bytes,
+                d.content_types.as_deref(),
+                d.backend_ceiling.as_ref(),
+            )?;
             Some(policy)
         }
         None => {

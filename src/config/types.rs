@@ -348,6 +348,12 @@ pub struct RouteConfig {
     #[serde(default)]
     pub quota: bool,
     pub webhook: Option<String>,
+    /// Request hygiene: the largest request body accepted (413 `payload_too_large`).
+    pub max_body_bytes: Option<u64>,
+    /// Request hygiene: media types a request body may have (415 `unsupported_media_type`).
+    pub content_types: Option<Vec<String>>,
+    /// Request hygiene: a cap on the backend's load (503 `backend_overloaded`).
+    pub backend_ceiling: Option<BackendCeilingConfig>,
 }
 
 /// What a matched route (or the default route) applies.
@@ -362,6 +368,12 @@ pub struct PolicyConfig {
     #[serde(default)]
     pub quota: bool,
     pub webhook: Option<String>,
+    /// Request hygiene: the largest request body accepted (413 `payload_too_large`).
+    pub max_body_bytes: Option<u64>,
+    /// Request hygiene: media types a request body may have (415 `unsupported_media_type`).
+    pub content_types: Option<Vec<String>>,
+    /// Request hygiene: a cap on the backend's load (503 `backend_overloaded`).
+    pub backend_ceiling: Option<BackendCeilingConfig>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -386,4 +398,18 @@ pub struct AuthConfig {
     pub scopes_any: Vec<String>,
     #[serde(default)]
     pub roles_any: Vec<String>,
+}
+
+/// Per route, across all workers and clients: requests admitted per second and/or requests
+/// in flight at once; over either, 503 `backend_overloaded` with `retry-after`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendCeilingConfig {
+    pub max_rps: Option<u64>,
+    pub max_in_flight: Option<u64>,
+    /// Extension: how long an admitted request counts in flight at most, in seconds. A
+    /// request whose stream end never reaches the filter (a worker that crashed, a native
+    /// stream dropped after a caught panic) stops counting after this; so does a request that
+    /// really runs longer. Default 300.
+    pub in_flight_expiry_s: Option<u64>,
 }

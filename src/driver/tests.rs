@@ -495,3 +495,188 @@ fn a_bad_path_is_refused_and_an_invalid_config_is_refused_loudly() {
     assert!(err.is_some());
     assert_eq!(h.logged(LogLevel::Error, "invalid configuration"), 1);
 }
+
+fn hygiene_config() -> Value {
+    json!({
+        "quota": {"cluster": "quota", "timeout_ms": 80},
+        "routes": [
+            {"name": "small", "match": {"path": "/small"}, "max_body_bytes": 16},
+            {"name": "json", "match": {"path": "/json"},
+             "content_types": ["application/json", "text/*"]},
+            {"name": "slow", "match": {"path": "/slow"},
+             "backend_ceiling": {"max_in_flight": 1}},
+            {"name": "q", "match": {"path": "/q"}, "quota": true, "max_body_bytes": 8}
+        ]
+    })
+}
+
+fn assert_reply(h: &FakeHost, status: u32, code: &str) {
+    let s = sent(h);
+    assert_eq!(s.status, status, "{}", s.body_text());
+    assert_eq!(error_code(h), code);
+    assert_eq!(s.header("content-type"), Some("application/json"));
+    assert_eq!(s.header("x-content-type-options"), Some("nosniff"));
+    assert_eq!(h.counter(&format!("api_guard.denied.{code}")), 1);
+}
+
+#[test]
+fn a_declared_length_over_max_body_bytes_is_refused_at_the_headers() {
+    let mut h = FakeHost::new();
+    let w = worker(hygiene_config(), &mut h);
+    h.request("POST", "/small", &[("content-length", "17")]);
+    let mut d = Driver::new(Rc::clone(&w));
+    assert_eq!(d.on_request_headers(&mut h, false), Action::Pause);
+    assert_reply(&h, 413, "payload_too_large");
+    // The body that follows is never read nor forwarded.
+    h.body = vec![b'x'; 17];
+    assert_eq!(d.on_request_body(&mut h, 17, true), Action::Pause);
+    assert_eq!(h.largest_body_read, 0);
+
+    // Within the limit: forwarded at once (Envoy's codec enforces the declared length).
+    h.request("POST", "/small", &[("content-length", "16")]);
+    let mut d = Driver::new(w);
+    assert_eq!(d.on_request_headers(&mut h, false), Action::Continue);
+    assert!(h.sent.is_none());
+}
+
+#[test]
+fn a_chunked_body_is_held_counted_without_copying_and_refused_once_past_the_limit() {
+    let mut h = FakeHost::new();
+    let w = worker(hygiene_config(), &mut h);
+    h.request("POST", "/small", &[("transfer-encoding", "chunked")]);
+    let mut d = Driver::new(Rc::clone(&w));
+    assert_eq!(d.on_request_headers(&mut h, false), Action::Pause);
+    h.body = vec![b'x'; 10];
+    assert_eq!(d.on_request_body(&mut h, 10, false), Action::Pause);
+    assert!(h.sent.is_none());
+    h.body = vec![b'x'; 17];
+    // Not the end of the stream yet: refused as soon as the total passes 16.
+    assert_eq!(d.on_request_body(&mut h, 17, false), Action::Pause);
+    assert_reply(&h, 413, "payload_too_large");
+    assert_eq!(h.largest_body_read, 0, "counting needs no body bytes");
+    assert_eq!(h.resumed, 0);
+    assert_eq!(h.counter("api_guard.allowed"), 0);
+
+    // Within the limit: held to the end, then released (the held body goes on unchanged).
+    h.request("POST", "/small", &[("transfer-encoding", "chunked")]);
+    let mut d = Driver::new(w);
+    assert_eq!(d.on_request_headers(&mut h, false), Action::Pause);
+    assert_eq!(d.on_request_body(&mut h, 9, false), Action::Pause);
+    assert_eq!(d.on_request_body(&mut h, 16, false), Action::Pause);
+    assert_eq!(d.on_request_trailers(&mut h), Action::Continue);
+    assert!(h.sent.is_none());
+    assert_eq!(h.counter("api_guard.allowed"), 1);
+    d.on_done(&mut h);
+    assert_eq!(h.logged(LogLevel::Error, ""), 0);
+}
+
+#[test]
+fn a_body_over_the_limit_during_a_callout_is_refused_and_the_answer_ignored() {
+    let mut h = FakeHost::new();
+    let w = worker(hygiene_config(), &mut h);
+    h.request("POST", "/q", &[]);
+    let mut d = Driver::new(w);
+    assert_eq!(d.on_request_headers(&mut h, false), Action::Pause);
+    let call = h.callouts.last().unwrap().clone();
+    assert_eq!(d.on_request_body(&mut h, 8, false), Action::Pause);
+    assert!(h.sent.is_none());
+    assert_eq!(d.on_request_body(&mut h, 9, false), Action::Pause);
+    assert_reply(&h, 413, "payload_too_large");
+    d.on_callout_done(&mut h, call.token, Some(&ok(200, r#"{"allowed":true}"#)));
+    assert_eq!(h.resumed, 0, "a refused request is never resumed");
+    assert_eq!(h.counter("api_guard.allowed"), 0);
+}
+
+#[test]
+fn content_types_are_an_allow_list_for_requests_with_a_body() {
+    // (request headers, end of stream at the headers, accepted: None = nothing to check)
+    type Case<'a> = (&'a [(&'a str, &'a str)], bool, Option<bool>);
+    let cases: [Case; 8] = [
+        (&[("content-type", "application/json")], false, Some(true)),
+        (
+            &[("content-type", "Application/JSON; charset=utf-8")],
+            false,
+            Some(true),
+        ),
+        (&[("content-type", "text/csv")], false, Some(true)),
+        (&[("content-type", "application/xml")], false, Some(false)),
+        (&[("content-length", "3")], false, Some(false)),
+        (&[("content-type", "json")], false, Some(false)),
+        (
+            &[
+                ("content-type", "application/json"),
+                ("content-type", "application/xml"),
+            ],
+            false,
+            Some(false),
+        ),
+        // No body: nothing to check.
+        (&[], true, None),
+    ];
+    for (headers, end_of_stream, accepted) in cases {
+        let mut h = FakeHost::new();
+        let w = worker(hygiene_config(), &mut h);
+        h.request("POST", "/json", headers);
+        let action = Driver::new(w).on_request_headers(&mut h, end_of_stream);
+        match accepted {
+            Some(false) => {
+                assert_eq!(action, Action::Pause, "{headers:?}");
+                assert_reply(&h, 415, "unsupported_media_type");
+            }
+            _ => {
+                assert_eq!(action, Action::Continue, "{headers:?}");
+                assert!(h.sent.is_none(), "{headers:?}");
+            }
+        }
+    }
+    // A GET without a body passes; one with a body of unknown length needs a type.
+    let mut h = FakeHost::new();
+    let w = worker(hygiene_config(), &mut h);
+    h.request("GET", "/json", &[]);
+    assert_eq!(
+        Driver::new(Rc::clone(&w)).on_request_headers(&mut h, true),
+        Action::Continue
+    );
+    h.request("PUT", "/json", &[("transfer-encoding", "chunked")]);
+    assert_eq!(
+        Driver::new(w).on_request_headers(&mut h, false),
+        Action::Pause
+    );
+    assert_eq!(sent(&h).status, 415);
+}
+
+#[test]
+fn the_backend_ceiling_counts_in_flight_until_every_kind_of_stream_end() {
+    let mut h = FakeHost::new();
+    let w = worker(hygiene_config(), &mut h);
+    let start = |h: &mut FakeHost| {
+        h.request("GET", "/slow", &[]);
+        let mut d = Driver::new(Rc::clone(&w));
+        let a = d.on_request_headers(h, true);
+        (d, a)
+    };
+    let (mut first, a) = start(&mut h);
+    assert_eq!(a, Action::Continue);
+    let (_, a) = start(&mut h);
+    assert_eq!(a, Action::Pause);
+    assert_reply(&h, 503, "backend_overloaded");
+    assert_eq!(sent(&h).header("retry-after"), Some("1"));
+    // The upstream answered; the stream ends normally.
+    first.on_response_headers(&mut h);
+    first.on_done(&mut h);
+    let (mut second, a) = start(&mut h);
+    assert_eq!(a, Action::Continue);
+    // A client reset (or upstream timeout) is a stream end without a response.
+    second.on_done(&mut h);
+    let (mut third, a) = start(&mut h);
+    assert_eq!(a, Action::Continue);
+    // A request the ceiling refused holds nothing; its end gives nothing back.
+    let (mut refused, _) = start(&mut h);
+    refused.on_done(&mut h);
+    let (_, a) = start(&mut h);
+    assert_eq!(a, Action::Pause, "still one in flight");
+    third.on_done(&mut h);
+    third.on_done(&mut h);
+    let (_, a) = start(&mut h);
+    assert_eq!(a, Action::Continue);
+}

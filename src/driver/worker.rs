@@ -69,6 +69,7 @@ impl Worker {
             ),
         }
         crate::auth::remote_jwks::prepare(&cfg.auth, platform.store());
+        crate::hygiene::prepare(&cfg, platform.store());
         let metrics = Metrics::define(&cfg, platform);
         let breaker = cfg
             .raw

@@ -801,7 +801,7 @@ pub fn send_raw(port: u16, bytes: &[u8], timeout: Duration) -> Option<Resp> {
     read_response(&mut r)
 }
 
-fn read_response(r: &mut impl BufRead) -> Option<Resp> {
+pub fn read_response(r: &mut impl BufRead) -> Option<Resp> {
     let mut line = String::new();
     r.read_line(&mut line).ok()?;
     let status: u16 = line.split_whitespace().nth(1)?.parse().ok()?;
