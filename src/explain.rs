@@ -1,26 +1,32 @@
 //! `api-guard check --explain`: what a validated config does to a request, route by route, in
 //! the order of SPEC section 3 (route → path checks → CORS preflight → per-IP/route limits →
 //! credentials → scopes → per-client limits → quota → webhook body check → forward), with the
-//! settings each step applies. A reviewer reads this to see that a config does what its author
+//! request hygiene checks where the pipeline runs them (the declared body size and content
+//! type after the CORS preflight; a body of unknown length and the backend ceiling last,
+//! before forwarding), and the settings each step applies. A reviewer reads this to see that a config does what its author
 //! thinks; it is a pure function of the compiled config, so it cannot drift from what the
 //! filter runs (the same `config::parse` builds both).
 
-use crate::config::{AuthConfig, Config, MatchConfig, Policy, RawConfig};
+use crate::config::{AuthConfig, BackendCeilingConfig, Config, MatchConfig, Policy, RawConfig};
 use crate::ratelimit::bucket::BucketParams;
 use crate::ratelimit::{KeyPart, Limit, LimitRule, TierRule, WhenFull};
 use std::fmt::Write;
 
-/// The steps of SPEC section 3, in order (the labels of the numbered lines).
-pub const STEPS: [&str; 10] = [
+/// The steps of SPEC section 3 and the request hygiene checks, in pipeline order (the labels
+/// of the numbered lines).
+pub const STEPS: [&str; 13] = [
     "route",
     "path checks",
     "CORS preflight",
+    "body size and content type",
     "per-IP/route limits",
     "credentials",
     "scopes",
     "per-client limits",
     "quota",
     "webhook body check",
+    "body of unknown length",
+    "backend ceiling",
     "forward",
 ];
 
@@ -38,7 +44,12 @@ pub fn explain(cfg: &Config) -> String {
         } else {
             format!("{matched}; only if routes 1-{i} did not match (first match wins)")
         };
-        policy(cfg, &head, &first, &route.policy, &mut out);
+        let ceiling = cfg
+            .raw
+            .routes
+            .get(i)
+            .and_then(|r| r.backend_ceiling.as_ref());
+        policy(cfg, &head, &first, &route.policy, ceiling, &mut out);
     }
     match &cfg.default_route {
         Some(p) => policy(
@@ -46,6 +57,10 @@ pub fn explain(cfg: &Config) -> String {
             "default_route",
             "a request that matches no route above",
             p,
+            cfg.raw
+                .default_route
+                .as_ref()
+                .and_then(|d| d.backend_ceiling.as_ref()),
             &mut out,
         ),
         None => {
@@ -139,18 +154,28 @@ fn global(cfg: &Config, out: &mut String) {
     }
 }
 
-fn policy(cfg: &Config, head: &str, matched: &str, p: &Policy, out: &mut String) {
+fn policy(
+    cfg: &Config,
+    head: &str,
+    matched: &str,
+    p: &Policy,
+    ceiling: Option<&BackendCeilingConfig>,
+    out: &mut String,
+) {
     let _ = writeln!(out, "\n{head}:");
-    let steps: [String; 10] = [
+    let steps: [String; 13] = [
         matched.to_string(),
         "as every request (400 invalid_request on an ambiguous path)".to_string(),
         cors(cfg),
+        declared_body(p),
         limits(cfg, &p.limits.pre_auth, p.limits.cost, true),
         credentials(&cfg.raw, p.auth.as_ref()),
         scopes(p.auth.as_ref()),
         limits(cfg, &p.limits.post_auth, p.limits.cost, false),
         quota(&cfg.raw, p),
         webhook(&cfg.raw, p.webhook.as_deref()),
+        unknown_length_body(p),
+        backend_ceiling(ceiling),
         forward(cfg, p),
     ];
     for (i, (label, text)) in STEPS.iter().zip(steps).enumerate() {
@@ -205,6 +230,61 @@ fn cors(cfg: &Config) -> String {
     "an OPTIONS with origin and access-control-request-method is answered here: 204 when \
      CORS (above) allows it, else 403 cors_rejected"
         .into()
+}
+
+fn declared_body(p: &Policy) -> String {
+    let h = p.hygiene.as_ref();
+    let mut checks = Vec::new();
+    if let Some(n) = h.and_then(|h| h.max_body_bytes) {
+        checks.push(format!(
+            "a declared content-length over {n} bytes: 413 payload_too_large (nothing read)"
+        ));
+    }
+    if let Some(h) = h.filter(|h| !h.content_types.is_empty()) {
+        let ranges: Vec<String> = h.content_types.iter().map(|r| r.to_string()).collect();
+        checks.push(format!(
+            "a body's content type must be one of {} (parameters ignored; none, or another: \
+             415 unsupported_media_type)",
+            ranges.join(", ")
+        ));
+    }
+    if checks.is_empty() {
+        "none (no max_body_bytes or content_types)".into()
+    } else {
+        checks.join("\n")
+    }
+}
+
+fn unknown_length_body(p: &Policy) -> String {
+    match p.hygiene.as_ref().and_then(|h| h.max_body_bytes) {
+        Some(n) => format!(
+            "a body without content-length (chunked) is held and counted: over {n} bytes, 413 \
+             payload_too_large before any byte is forwarded"
+        ),
+        None => "skipped (no max_body_bytes)".into(),
+    }
+}
+
+fn backend_ceiling(c: Option<&BackendCeilingConfig>) -> String {
+    let Some(c) = c else {
+        return "skipped (no backend_ceiling)".into();
+    };
+    let mut caps = Vec::new();
+    if let Some(r) = c.max_rps {
+        caps.push(format!("{r} requests per second"));
+    }
+    if let Some(n) = c.max_in_flight {
+        caps.push(format!(
+            "{n} in flight (a request counts until its stream ends, at most {} s)",
+            c.in_flight_expiry_s
+                .unwrap_or(crate::hygiene::ceiling::DEFAULT_EXPIRY_S)
+        ));
+    }
+    format!(
+        "at most {} across all clients and workers; over it: 503 backend_overloaded with \
+         retry-after",
+        caps.join(" and ")
+    )
 }
 
 fn key(parts: &[KeyPart]) -> String {
@@ -518,7 +598,9 @@ mod tests {
          "auth": {"mode": "none"}, "rate_limits": ["per-ip", "probe"]},
         {"name": "orders", "match": {"prefix": "/api/orders"},
          "auth": {"mode": "required", "methods": ["api_key"], "scopes_all": ["read"]},
-         "rate_limits": ["per-ip", "per-client"], "cost": 3, "quota": true},
+         "rate_limits": ["per-ip", "per-client"], "cost": 3, "quota": true,
+         "max_body_bytes": 2048, "content_types": ["application/json", "text/*"],
+         "backend_ceiling": {"max_rps": 50, "max_in_flight": 8}},
         {"name": "hook", "match": {"methods": ["POST"], "template": "/hooks/{id}"},
          "auth": {"mode": "none"}, "webhook": "gh"}
       ],
@@ -543,8 +625,8 @@ mod tests {
     fn limits_are_split_before_and_after_credentials_with_their_numbers() {
         let out = explain_json(FULL);
         let orders = block(&out, "route 2 \"orders\"");
-        let pre = &orders[3].1;
-        let post = &orders[6].1;
+        let pre = &orders[4].1;
+        let post = &orders[7].1;
         assert_eq!(
             pre,
             "per-ip (key ip, cost 3; over it: 429 rate_limit_exceeded): 5 tokens, refill 5 per 60 s"
@@ -559,7 +641,7 @@ mod tests {
         );
         let login = block(&out, "route 1 \"login\"");
         assert_eq!(
-            login[3].1,
+            login[4].1,
             "per-ip (key ip, cost 1; over it: 429 rate_limit_exceeded): 5 tokens, refill 5 per 60 s\n\
              probe (key header:x-tenant, cost 1; SHADOW: counted and logged, never denies): \
              100 tokens, refill 1 per 1 s"
@@ -575,40 +657,63 @@ mod tests {
             .starts_with("any method, path under /api/orders"));
         assert!(orders[0].1.contains("only if routes 1-1 did not match"));
         assert_eq!(
-            orders[4].1,
+            orders[5].1,
             "required: none presented: 401 missing_credentials; a bad one: 401 invalid_token / \
              invalid_api_key; the first present of:\napi_key: header x-api-key, 1 key"
         );
         assert_eq!(
-            orders[5].1,
+            orders[6].1,
             "needs all of scopes read; else 403 insufficient_scope"
         );
         assert!(
-            orders[7].1.starts_with(
+            orders[8].1.starts_with(
                 "POST /v1/check to cluster quota (authority quota), cost 3, timeout 80 ms"
             ),
             "{}",
-            orders[7].1
+            orders[8].1
         );
         assert!(out.contains("failure_mode deny: 503 quota_unavailable; breaker opens after 3 failures in a row per worker, for 5000 ms"), "{out}");
-        assert!(orders[9].1.contains("x-auth-subject"));
+        assert!(orders[12].1.contains("x-auth-subject"));
         let hook = block(&out, "route 3 \"hook\"");
         assert!(hook[0].1.starts_with("POST, path template /hooks/{id}"));
-        assert!(hook[4].1.starts_with("skipped (auth.mode none"));
-        assert_eq!(hook[7].1, "skipped (route has no \"quota\": true)");
-        assert!(hook[8].1.starts_with(
+        assert!(hook[5].1.starts_with("skipped (auth.mode none"));
+        assert_eq!(hook[8].1, "skipped (route has no \"quota\": true)");
+        assert!(hook[9].1.starts_with(
             "gh: scheme github, x-hub-signature-256 (HMAC-SHA256 of the body), 1 secret"
         ));
         assert!(out.contains("over 4096 bytes: 413 payload_too_large"));
         assert!(!out.contains("s3cret"), "secrets never appear: {out}");
         let default = block(&out, "default_route");
-        assert!(default[4].1.starts_with("optional: checked when present"));
-        assert_eq!(default[5].1, "none (any verified credential passes)");
+        assert!(default[5].1.starts_with("optional: checked when present"));
+        assert_eq!(default[6].1, "none (any verified credential passes)");
         assert!(default[2].1.contains("204 when CORS (above) allows it"));
         assert!(out.contains(
             "\n  CORS: origins https://app.example.com; methods GET, HEAD, POST; headers (none); \
              with credentials; max-age 600 s\n"
         ));
+    }
+
+    #[test]
+    fn request_hygiene_shows_where_the_pipeline_runs_it() {
+        let out = explain_json(FULL);
+        let orders = block(&out, "route 2 \"orders\"");
+        assert_eq!(
+            orders[3].1,
+            "a declared content-length over 2048 bytes: 413 payload_too_large (nothing read)\n\
+             a body's content type must be one of application/json, text/* (parameters \
+             ignored; none, or another: 415 unsupported_media_type)"
+        );
+        assert!(orders[10].1.contains("over 2048 bytes, 413 payload_too_large"));
+        assert_eq!(
+            orders[11].1,
+            "at most 50 requests per second and 8 in flight (a request counts until its stream \
+             ends, at most 300 s) across all clients and workers; over it: 503 \
+             backend_overloaded with retry-after"
+        );
+        let login = block(&out, "route 1 \"login\"");
+        assert_eq!(login[3].1, "none (no max_body_bytes or content_types)");
+        assert_eq!(login[10].1, "skipped (no max_body_bytes)");
+        assert_eq!(login[11].1, "skipped (no backend_ceiling)");
     }
 
     #[test]
@@ -618,7 +723,7 @@ mod tests {
                 "security_headers": {"x-frame-options": null}}"#,
         );
         let open = block(&out, "route 1 \"open\"");
-        assert!(open[4].1.starts_with("skipped (no `auth`"), "{out}");
+        assert!(open[5].1.starts_with("skipped (no `auth`"), "{out}");
         assert!(open[2].1.starts_with("skipped (no `cors` section"));
         assert!(out.contains("\nno route matched (there is no default_route):\n  the request is forwarded after the path checks, with security headers; no credentials"), "{out}");
         assert!(

@@ -687,7 +687,7 @@ fn check_explain_prints_each_route_checks_in_spec_order() {
     let login = blocks.iter().find(|b| b.contains("\"login\"")).unwrap();
     assert!(
         login.contains(
-            "4. per-IP/route limits: login-per-ip (key ip, cost 1; over it: 429 \
+            "5. per-IP/route limits: login-per-ip (key ip, cost 1; over it: 429 \
              rate_limit_exceeded): 5 tokens, refill 5 per 60 s"
         ),
         "{login}"
@@ -697,7 +697,7 @@ fn check_explain_prints_each_route_checks_in_spec_order() {
         .find(|b| b.contains("\"github-hook\""))
         .unwrap();
     assert!(
-        hook.contains("9. webhook body check: github: scheme github"),
+        hook.contains("10. webhook body check: github: scheme github"),
         "{hook}"
     );
     assert!(
