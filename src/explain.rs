@@ -703,7 +703,9 @@ mod tests {
              a body's content type must be one of application/json, text/* (parameters \
              ignored; none, or another: 415 unsupported_media_type)"
         );
-        assert!(orders[10].1.contains("over 2048 bytes, 413 payload_too_large"));
+        assert!(orders[10]
+            .1
+            .contains("over 2048 bytes, 413 payload_too_large"));
         assert_eq!(
             orders[11].1,
             "at most 50 requests per second and 8 in flight (a request counts until its stream \
