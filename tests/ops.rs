@@ -1,7 +1,9 @@
 //! The operator's kit (`deploy/`) and `api-guard check --explain`.
 //!
 //! - The alert rules pass `promtool check rules`; `promtool test rules` passes and covers every
-//!   alert both firing and not firing; every alert links an existing runbook section.
+//!   alert both firing and not firing; every alert links an existing runbook section. The
+//!   dashboard is importable (a data source variable, panels on the grid) and its queries
+//!   parse with Prometheus' own parser.
 //! - The rules and the Grafana dashboard use only metric names that a live Envoy (this
 //!   delivery: the harness runs the file for the wasm filter and the dynamic module) shows on
 //!   `/stats/prometheus` and the live quota service shows on `/metrics`, after traffic that
@@ -223,6 +225,55 @@ fn dashboard_queries_are_promql_prometheus_accepts() {
         out.contains(&format!("SUCCESS: {} rules found", queries.len())),
         "{out}"
     );
+}
+
+#[test]
+fn dashboard_is_importable_json_with_panels_that_do_not_overlap() {
+    let doc: Value =
+        serde_json::from_str(&std::fs::read_to_string(repo().join(DASHBOARD)).unwrap()).unwrap();
+    assert_eq!(doc["uid"], "api-guard");
+    assert!(doc["schemaVersion"].as_u64().is_some());
+    let vars = doc["templating"]["list"].as_array().unwrap();
+    assert!(
+        vars.iter()
+            .any(|v| v["name"] == "datasource" && v["type"] == "datasource"),
+        "a Prometheus data source variable, so the import asks for one"
+    );
+    let panels = doc["panels"].as_array().unwrap();
+    let mut ids = BTreeSet::new();
+    let mut cells = BTreeSet::new();
+    for p in panels {
+        assert!(ids.insert(p["id"].as_u64().unwrap()), "duplicate id: {p}");
+        let g = &p["gridPos"];
+        let (x, y, w, h) = (
+            g["x"].as_u64().unwrap(),
+            g["y"].as_u64().unwrap(),
+            g["w"].as_u64().unwrap(),
+            g["h"].as_u64().unwrap(),
+        );
+        assert!(x + w <= 24, "{} is wider than the grid", p["title"]);
+        for cx in x..x + w {
+            for cy in y..y + h {
+                assert!(
+                    cells.insert((cx, cy)),
+                    "{} overlaps another panel",
+                    p["title"]
+                );
+            }
+        }
+        if p["type"] == "row" {
+            continue;
+        }
+        let targets = p["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "{} has no query", p["title"]);
+        for t in targets.iter().chain(std::iter::once(p)) {
+            assert_eq!(
+                t["datasource"]["uid"], "${datasource}",
+                "{}: queries the chosen data source",
+                p["title"]
+            );
+        }
+    }
 }
 
 // ------------------------------------------------------------------ metric names
