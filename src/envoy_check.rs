@@ -721,4 +721,30 @@ mod tests {
         );
         assert_eq!(check(&doc, &no_env).errors(), 0);
     }
+
+    #[test]
+    fn embedded_configs_are_compiled_with_the_environment_each_delivery_sees() {
+        let cfg = json!({ "webhooks": { "gh": { "scheme": "github", "secrets": [ { "env": "GH" } ] } },
+            "routes": [ { "name": "a", "match": { "prefix": "/a" } } ],
+            "default_route": { "auth": { "mode": "none" } } });
+        // The wasm filter reads its VM's variables, not Envoy's process environment.
+        let with_vars = wasm_filter(
+            &cfg,
+            json!({ "vm_config": { "runtime": "envoy.wasm.runtime.v8",
+                "code": { "local": { "filename": "api_guard.wasm" } },
+                "environment_variables": { "key_values": { "GH": "from-vm" } } } }),
+        );
+        let without = wasm_filter(&cfg, json!({}));
+        let doc = bootstrap(json!({}), vec![with_vars, without, router()], &[]);
+        let found = embedded_configs(&doc, &no_env);
+        assert_eq!(found.len(), 2);
+        assert_eq!(found[0].path, format!("{HCM}.http_filters[0]"));
+        assert_eq!(found[0].delivery, Delivery::Wasm);
+        let (compiled, _) = found[0].config.as_ref().expect("GH from the VM");
+        assert_eq!(compiled.routes[0].name, "a");
+        let err = found[1].config.as_ref().err().expect("GH unset in that VM");
+        assert!(err.contains("GH"), "{err}");
+        // Not an api-guard filter: nothing found.
+        assert!(embedded_configs(&bootstrap(json!({}), vec![router()], &[]), &no_env).is_empty());
+    }
 }
