@@ -742,7 +742,7 @@ mod tests {
         assert_eq!(found[0].delivery, Delivery::Wasm);
         let (compiled, _) = found[0].config.as_ref().expect("GH from the VM");
         assert_eq!(compiled.routes[0].name, "a");
-        let err = found[1].config.as_ref().err().expect("GH unset in that VM");
+        let err = found[1].config.as_ref().expect_err("GH unset in that VM");
         assert!(err.contains("GH"), "{err}");
         // Not an api-guard filter: nothing found.
         assert!(embedded_configs(&bootstrap(json!({}), vec![router()], &[]), &no_env).is_empty());
