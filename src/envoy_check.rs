@@ -110,6 +110,58 @@ pub fn check(doc: &Value, process_env: &dyn Fn(&str) -> Option<String>) -> Repor
     report
 }
 
+/// One api-guard filter's own config, read out of an Envoy document (for `check --explain`).
+pub struct Embedded {
+    /// Where the filter is in the Envoy document.
+    pub path: String,
+    pub delivery: Delivery,
+    /// The config as the filter would compile it (with the environment it would see), or why
+    /// it would not.
+    pub config: Result<(crate::config::Config, Vec<crate::config::Warning>), String>,
+}
+
+/// Every api-guard filter in an Envoy document, in document order, with its compiled config.
+pub fn embedded_configs(
+    doc: &Value,
+    process_env: &dyn Fn(&str) -> Option<String>,
+) -> Vec<Embedded> {
+    let mut hcms = Vec::new();
+    find_hcms(doc, String::new(), &mut hcms);
+    let mut out = Vec::new();
+    for (hcm_path, hcm) in hcms {
+        let Some(filters) = hcm.get("http_filters").and_then(Value::as_array) else {
+            continue;
+        };
+        for (i, filter) in filters.iter().enumerate() {
+            let path = format!("{hcm_path}.http_filters[{i}]");
+            let Some((delivery, _, holder)) = api_guard_filter(filter, &path) else {
+                continue;
+            };
+            let key = match delivery {
+                Delivery::Wasm => "configuration",
+                Delivery::Module => "filter_config",
+            };
+            let env = filter_env(delivery, holder, process_env);
+            let config = match holder
+                .get(key)
+                .and_then(|c| c.get("value"))
+                .and_then(Value::as_str)
+            {
+                Some(text) => {
+                    crate::config::parse(text.as_bytes(), &|n| env(n)).map_err(|e| e.to_string())
+                }
+                None => Err(format!("missing the api-guard config (`{key}.value`)")),
+            };
+            out.push(Embedded {
+                path,
+                delivery,
+                config,
+            });
+        }
+    }
+    out
+}
+
 fn join(path: &str, key: &str) -> String {
     if path.is_empty() {
         key.to_string()
@@ -668,5 +720,31 @@ mod tests {
             &[],
         );
         assert_eq!(check(&doc, &no_env).errors(), 0);
+    }
+
+    #[test]
+    fn embedded_configs_are_compiled_with_the_environment_each_delivery_sees() {
+        let cfg = json!({ "webhooks": { "gh": { "scheme": "github", "secrets": [ { "env": "GH" } ] } },
+            "routes": [ { "name": "a", "match": { "prefix": "/a" } } ],
+            "default_route": { "auth": { "mode": "none" } } });
+        // The wasm filter reads its VM's variables, not Envoy's process environment.
+        let with_vars = wasm_filter(
+            &cfg,
+            json!({ "vm_config": { "runtime": "envoy.wasm.runtime.v8",
+                "code": { "local": { "filename": "api_guard.wasm" } },
+                "environment_variables": { "key_values": { "GH": "from-vm" } } } }),
+        );
+        let without = wasm_filter(&cfg, json!({}));
+        let doc = bootstrap(json!({}), vec![with_vars, without, router()], &[]);
+        let found = embedded_configs(&doc, &no_env);
+        assert_eq!(found.len(), 2);
+        assert_eq!(found[0].path, format!("{HCM}.http_filters[0]"));
+        assert_eq!(found[0].delivery, Delivery::Wasm);
+        let (compiled, _) = found[0].config.as_ref().expect("GH from the VM");
+        assert_eq!(compiled.routes[0].name, "a");
+        let err = found[1].config.as_ref().expect_err("GH unset in that VM");
+        assert!(err.contains("GH"), "{err}");
+        // Not an api-guard filter: nothing found.
+        assert!(embedded_configs(&bootstrap(json!({}), vec![router()], &[]), &no_env).is_empty());
     }
 }

@@ -26,6 +26,8 @@ pub mod webhook;
 pub mod echo;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod envoy_check;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod explain;
 
 #[cfg(target_arch = "wasm32")]
 mod filter;

@@ -1,15 +1,21 @@
 //! `api-guard check`: the filter's own validation, offline — on a filter config (JSON), or on
 //! a whole Envoy config (YAML or JSON: bootstrap, listener, LDS resources), where every
 //! api-guard filter is found, validated, and its surroundings linted (`envoy_check`).
+//! `--explain` prints, per route, the checks a request meets in order and their settings
+//! (`api_guard::explain`), for the filter config or each api-guard filter in an Envoy config.
 
 use api_guard::envoy_check::{self, Delivery, Severity};
 use std::process::ExitCode;
 
+const USAGE: &str = "usage: api-guard check [--explain] CONFIG.json | ENVOY.yaml";
+
 pub fn run(args: &[String]) -> ExitCode {
-    let path = match args {
-        [p] => p,
+    let explain = args.iter().any(|a| a == "--explain");
+    let rest: Vec<&String> = args.iter().filter(|a| *a != "--explain").collect();
+    let path = match rest[..] {
+        [p] if !p.starts_with("--") => p,
         _ => {
-            eprintln!("usage: api-guard check CONFIG.json | ENVOY.yaml");
+            eprintln!("{USAGE}");
             return ExitCode::from(2);
         }
     };
@@ -23,20 +29,29 @@ pub fn run(args: &[String]) -> ExitCode {
     let yaml = path.ends_with(".yaml") || path.ends_with(".yml");
     if !yaml {
         match serde_json::from_slice::<serde_json::Value>(&bytes) {
-            Ok(doc) if envoy_check::looks_like_envoy(&doc) => return envoy(path, &doc),
+            Ok(doc) if envoy_check::looks_like_envoy(&doc) => {
+                return envoy(path, &doc, explain);
+            }
             // Not JSON at all: maybe YAML under another name.
             Err(_)
                 if std::str::from_utf8(&bytes).is_ok_and(|t| !t.trim_start().starts_with('{')) => {}
-            _ => return filter_config(path, &bytes),
+            _ => return filter_config(path, &bytes, explain),
         }
     }
     let text = String::from_utf8_lossy(&bytes);
     match serde_yaml_ng::from_str::<serde_json::Value>(&text) {
-        Ok(doc) => envoy(path, &doc),
+        Ok(doc) => envoy(path, &doc, explain),
         Err(e) => {
             eprintln!("error: {path}: not valid YAML: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn kind(d: Delivery) -> &'static str {
+    match d {
+        Delivery::Wasm => "wasm filter",
+        Delivery::Module => "dynamic module",
     }
 }
 
@@ -48,10 +63,15 @@ fn plural(n: usize) -> &'static str {
     }
 }
 
-fn filter_config(path: &str, bytes: &[u8]) -> ExitCode {
+fn filter_config(path: &str, bytes: &[u8], explain: bool) -> ExitCode {
     // Same lookup as the filter: secrets given as {"env": NAME} must be set here too.
     match api_guard::config::parse(bytes, &|name| std::env::var(name).ok()) {
         Ok((cfg, warnings)) => {
+            if explain {
+                println!("{path}:\n");
+                print!("{}", api_guard::explain::explain(&cfg));
+                println!();
+            }
             for w in &warnings {
                 println!("warning: `{}`: {}", w.path, w.message);
             }
@@ -76,13 +96,20 @@ fn filter_config(path: &str, bytes: &[u8]) -> ExitCode {
     }
 }
 
-fn envoy(path: &str, doc: &serde_json::Value) -> ExitCode {
+fn envoy(path: &str, doc: &serde_json::Value, explain: bool) -> ExitCode {
     let report = envoy_check::check(doc, &|name| std::env::var(name).ok());
+    if explain {
+        for f in envoy_check::embedded_configs(doc, &|name| std::env::var(name).ok()) {
+            // An invalid config is reported below with the other errors.
+            if let Ok((cfg, _)) = f.config {
+                println!("api-guard {} at `{}`:\n", kind(f.delivery), f.path);
+                print!("{}", api_guard::explain::explain(&cfg));
+                println!();
+            }
+        }
+    }
     for f in &report.filters {
-        let kind = match f.delivery {
-            Delivery::Wasm => "wasm filter",
-            Delivery::Module => "dynamic module",
-        };
+        let kind = kind(f.delivery);
         match f.routes {
             Some(n) => println!(
                 "found: api-guard {kind} at `{}` ({n} route{})",

@@ -1,7 +1,8 @@
 //! `api-guard`: the native companion of the filter.
 //!
 //! - `api-guard check CONFIG.json | ENVOY.yaml` validates a filter config with the filter's own
-//!   code, or every api-guard filter in an Envoy config and the settings around it.
+//!   code, or every api-guard filter in an Envoy config and the settings around it;
+//!   `--explain` also prints, per route, the checks a request meets in order.
 //! - `api-guard demo-upstream [--listen ADDR]` runs the echo upstream used by `make run`.
 //! - `api-guard token [...]` mints demo JWTs and prints the JWKS that accepts them.
 
@@ -11,9 +12,10 @@ mod token;
 use std::process::ExitCode;
 
 const USAGE: &str = "usage:
-  api-guard check CONFIG.json | ENVOY.yaml
+  api-guard check [--explain] CONFIG.json | ENVOY.yaml
                                           validate a filter config, or every api-guard filter in an
-                                          Envoy config and the settings around it (exit 0 = valid)
+                                          Envoy config and the settings around it (exit 0 = valid);
+                                          --explain: per route, the checks a request meets in order
   api-guard demo-upstream [--listen ADDR] echo upstream for the demo (default 127.0.0.1:8081)
   api-guard token [--alg ALG] [--key FILE] [--jwks] [--sub S] [--scope S] [--claim K=V] ...
                                           mint a demo JWT (see `api-guard token --help`)";
