@@ -1,20 +1,21 @@
 //! `api-guard check --explain`: what a validated config does to a request, route by route, in
 //! the order of SPEC section 3 (route → path checks → CORS preflight → per-IP/route limits →
-//! credentials → scopes → per-client limits → quota → webhook body check → forward), with the
+//! credentials → scopes → key sharing → per-client limits → quota → webhook body check → forward), with the
 //! request hygiene checks where the pipeline runs them (the declared body size and content
 //! type after the CORS preflight; a body of unknown length and the backend ceiling last,
 //! before forwarding), and the settings each step applies. A reviewer reads this to see that a config does what its author
 //! thinks; it is a pure function of the compiled config, so it cannot drift from what the
 //! filter runs (the same `config::parse` builds both).
 
+use crate::abuse::Action;
 use crate::config::{AuthConfig, BackendCeilingConfig, Config, MatchConfig, Policy, RawConfig};
-use crate::ratelimit::bucket::BucketParams;
+use crate::ratelimit::bucket::{Algorithm, BucketParams};
 use crate::ratelimit::{KeyPart, Limit, LimitRule, TierRule, WhenFull};
 use std::fmt::Write;
 
 /// The steps of SPEC section 3 and the request hygiene checks, in pipeline order (the labels
 /// of the numbered lines).
-pub const STEPS: [&str; 13] = [
+pub const STEPS: [&str; 14] = [
     "route",
     "path checks",
     "CORS preflight",
@@ -22,6 +23,7 @@ pub const STEPS: [&str; 13] = [
     "per-IP/route limits",
     "credentials",
     "scopes",
+    "key sharing",
     "per-client limits",
     "quota",
     "webhook body check",
@@ -163,15 +165,16 @@ fn policy(
     out: &mut String,
 ) {
     let _ = writeln!(out, "\n{head}:");
-    let steps: [String; 13] = [
+    let steps: [String; 14] = [
         matched.to_string(),
         "as every request (400 invalid_request on an ambiguous path)".to_string(),
         cors(cfg),
         declared_body(p),
-        limits(cfg, &p.limits.pre_auth, p.limits.cost, true),
+        limits(cfg, p, true),
         credentials(&cfg.raw, p.auth.as_ref()),
         scopes(p.auth.as_ref()),
-        limits(cfg, &p.limits.post_auth, p.limits.cost, false),
+        key_sharing(cfg),
+        limits(cfg, p, false),
         quota(&cfg.raw, p),
         webhook(&cfg.raw, p.webhook.as_deref()),
         unknown_length_body(p),
@@ -303,11 +306,38 @@ fn key(parts: &[KeyPart]) -> String {
 }
 
 fn bucket(b: &BucketParams) -> String {
+    match b.algorithm() {
+        Algorithm::TokenBucket => format!(
+            "{} tokens, refill {} per {} s",
+            b.capacity(),
+            b.refill_tokens(),
+            b.refill_period_s()
+        ),
+        Algorithm::FixedWindow => format!(
+            "{} per {} s, fixed window (UTC-aligned)",
+            b.capacity(),
+            b.refill_period_s()
+        ),
+        Algorithm::SlidingWindow => format!(
+            "{} per {} s, sliding window",
+            b.capacity(),
+            b.refill_period_s()
+        ),
+    }
+}
+
+fn key_sharing(cfg: &Config) -> String {
+    let Some((k, action)) = &cfg.abuse.key_sharing else {
+        return "skipped (no abuse.key_sharing)".into();
+    };
+    let over = match action {
+        Action::Log => "logged (one credential_abuse event per client and window)",
+        Action::Deny => "403 credential_abuse",
+        Action::Tighten => "per-client limits at half strength for the request",
+    };
     format!(
-        "{} tokens, refill {} per {} s",
-        b.capacity(),
-        b.refill_tokens(),
-        b.refill_period_s()
+        "authenticated clients: at most {} addresses (IPv4 /{}, IPv6 /{}) per {} s; a new address over it: {over}",
+        k.max_distinct_ips, k.prefix_v4, k.prefix_v6, k.window_s
     )
 }
 
@@ -347,12 +377,20 @@ fn limit_lines(l: &Limit, cost: u64, out: &mut Vec<String>) {
         out.push(format!("{head}, per tier:"));
         out.extend(numbers);
     }
+    if let Some(e) = &l.exempt {
+        out.push(format!("  exempt: {}", e.describe()));
+    }
 }
 
-fn limits(cfg: &Config, ids: &[usize], cost: u64, pre: bool) -> String {
+fn limits(cfg: &Config, p: &Policy, pre: bool) -> String {
+    let plan = &p.limits;
+    let ids = if pre { &plan.pre_auth } else { &plan.post_auth };
     let mut lines = Vec::new();
     for l in ids.iter().filter_map(|i| cfg.rate_limiter.limits.get(*i)) {
-        limit_lines(l, cost, &mut lines);
+        limit_lines(l, plan.cost, &mut lines);
+    }
+    if let (false, Some(e)) = (lines.is_empty(), &plan.exempt) {
+        lines.push(format!("route exempt from these: {}", e.describe()));
     }
     if lines.is_empty() {
         return if pre {
@@ -626,7 +664,7 @@ mod tests {
         let out = explain_json(FULL);
         let orders = block(&out, "route 2 \"orders\"");
         let pre = &orders[4].1;
-        let post = &orders[7].1;
+        let post = &orders[8].1;
         assert_eq!(
             pre,
             "per-ip (key ip, cost 3; over it: 429 rate_limit_exceeded): 5 tokens, refill 5 per 60 s"
@@ -666,19 +704,19 @@ mod tests {
             "needs all of scopes read; else 403 insufficient_scope"
         );
         assert!(
-            orders[8].1.starts_with(
+            orders[9].1.starts_with(
                 "POST /v1/check to cluster quota (authority quota), cost 3, timeout 80 ms"
             ),
             "{}",
-            orders[8].1
+            orders[9].1
         );
         assert!(out.contains("failure_mode deny: 503 quota_unavailable; breaker opens after 3 failures in a row per worker, for 5000 ms"), "{out}");
-        assert!(orders[12].1.contains("x-auth-subject"));
+        assert!(orders[13].1.contains("x-auth-subject"));
         let hook = block(&out, "route 3 \"hook\"");
         assert!(hook[0].1.starts_with("POST, path template /hooks/{id}"));
         assert!(hook[5].1.starts_with("skipped (auth.mode none"));
-        assert_eq!(hook[8].1, "skipped (route has no \"quota\": true)");
-        assert!(hook[9].1.starts_with(
+        assert_eq!(hook[9].1, "skipped (route has no \"quota\": true)");
+        assert!(hook[10].1.starts_with(
             "gh: scheme github, x-hub-signature-256 (HMAC-SHA256 of the body), 1 secret"
         ));
         assert!(out.contains("over 4096 bytes: 413 payload_too_large"));
@@ -703,19 +741,19 @@ mod tests {
              a body's content type must be one of application/json, text/* (parameters \
              ignored; none, or another: 415 unsupported_media_type)"
         );
-        assert!(orders[10]
+        assert!(orders[11]
             .1
             .contains("over 2048 bytes, 413 payload_too_large"));
         assert_eq!(
-            orders[11].1,
+            orders[12].1,
             "at most 50 requests per second and 8 in flight (a request counts until its stream \
              ends, at most 300 s) across all clients and workers; over it: 503 \
              backend_overloaded with retry-after"
         );
         let login = block(&out, "route 1 \"login\"");
         assert_eq!(login[3].1, "none (no max_body_bytes or content_types)");
-        assert_eq!(login[10].1, "skipped (no max_body_bytes)");
-        assert_eq!(login[11].1, "skipped (no backend_ceiling)");
+        assert_eq!(login[11].1, "skipped (no max_body_bytes)");
+        assert_eq!(login[12].1, "skipped (no backend_ceiling)");
     }
 
     #[test]
@@ -738,5 +776,41 @@ mod tests {
     #[test]
     fn the_output_is_deterministic() {
         assert_eq!(explain_json(FULL), explain_json(FULL));
+    }
+
+    #[test]
+    fn windows_exemptions_and_key_sharing_are_shown() {
+        let out = explain_json(
+            r#"{
+          "api_keys": {"header": "x-api-key", "keys": [{"id": "a", "sha256": "6f0f8db1716f1a7909f09fef4ef9730dbcaa99df6f63e5f832f2122b27af2335"}]},
+          "abuse": {"key_sharing": {"max_distinct_ips": 5, "action": "deny"}},
+          "rate_limits": {
+            "m": {"key": ["ip"], "algorithm": "sliding_window", "limit": 100, "window_s": 60,
+                  "exempt": {"cidrs": ["10.0.0.0/8"]}},
+            "d": {"key": ["client"], "algorithm": "fixed_window", "limit": 5000, "window_s": 86400}},
+          "routes": [{"name": "api", "match": {"prefix": "/api"}, "rate_limits": ["m", "d"],
+                      "exempt": {"clients": ["svc"]},
+                      "auth": {"mode": "required", "methods": ["api_key"]}}],
+          "default_route": {"auth": {"mode": "none"}}
+        }"#,
+        );
+        let api = block(&out, "route 1 \"api\"");
+        assert_eq!(
+            api[4].1,
+            "none (no limit keyed on ip, route or headers only)"
+        );
+        assert_eq!(
+            api[7].1,
+            "authenticated clients: at most 5 addresses (IPv4 /32, IPv6 /64) per 600 s; a new \
+             address over it: 403 credential_abuse"
+        );
+        assert_eq!(
+            api[8].1,
+            "m (key ip, cost 1; over it: 429 rate_limit_exceeded): 100 per 60 s, sliding window\n\
+             exempt: cidrs 10.0.0.0/8\n\
+             d (key client, cost 1; over it: 429 rate_limit_exceeded): 5000 per 86400 s, fixed \
+             window (UTC-aligned)\n\
+             route exempt from these: clients svc"
+        );
     }
 }

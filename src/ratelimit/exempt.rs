@@ -84,6 +84,24 @@ impl Exempt {
         })
     }
 
+    /// For `api-guard check --explain`: `cidrs 10.0.0.0/8; clients svc`.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        for (name, list) in [
+            (
+                "cidrs",
+                self.nets.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+            ),
+            ("clients", self.clients.clone()),
+            ("tiers", self.tiers.clone()),
+        ] {
+            if !list.is_empty() {
+                parts.push(format!("{name} {}", list.join(", ")));
+            }
+        }
+        parts.join("; ")
+    }
+
     /// Whether deciding needs the verified identity (then the limit waits for credentials).
     pub fn needs_identity(&self) -> bool {
         !self.clients.is_empty() || !self.tiers.is_empty()
