@@ -156,9 +156,25 @@ impl fmt::Debug for AlgSet {
 enum Material {
     Hmac(Vec<u8>),
     Rsa(Box<RsaKey>),
-    P256(Box<p256::ecdsa::VerifyingKey>),
+    P256(EcKey<p256::ecdsa::VerifyingKey>),
     P384(Box<p384::ecdsa::VerifyingKey>),
     Ed25519(ed25519_compact::PublicKey),
+}
+
+/// A P-256 public key, validated at parse time (a point on the curve): in wasm the RustCrypto
+/// key, natively its SEC1 bytes for `ring` ([`ring_verify`]).
+#[cfg(target_arch = "wasm32")]
+type EcKey<K> = Box<K>;
+#[cfg(not(target_arch = "wasm32"))]
+type EcKey<K> = (Vec<u8>, std::marker::PhantomData<K>);
+
+#[cfg(target_arch = "wasm32")]
+fn ec_key<K>(k: K, _sec1: Vec<u8>) -> EcKey<K> {
+    Box::new(k)
+}
+#[cfg(not(target_arch = "wasm32"))]
+fn ec_key<K>(_k: K, sec1: Vec<u8>) -> EcKey<K> {
+    (sec1, std::marker::PhantomData)
 }
 
 /// An RSA public key as `ring` takes it: big-endian modulus and exponent without leading
@@ -184,8 +200,8 @@ impl fmt::Debug for Key {
         let kind = match &self.material {
             Material::Hmac(_) => "oct",
             Material::Rsa(_) => "RSA",
-            Material::P256(_) => "EC P-256",
-            Material::P384(_) => "EC P-384",
+            Material::P256(..) => "EC P-256",
+            Material::P384(..) => "EC P-384",
             Material::Ed25519(_) => "OKP Ed25519",
         };
         f.debug_struct("Key")
@@ -206,6 +222,14 @@ impl Key {
         match (&self.material, alg) {
             (Material::Hmac(k), _) => hmac_verify(alg, k, signing_input, signature),
             (Material::Rsa(k), _) => rsa_verify(k, alg, signing_input, signature),
+            #[cfg(not(target_arch = "wasm32"))]
+            (Material::P256((sec1, _)), Alg::ES256) => ring_verify(
+                &ring::signature::ECDSA_P256_SHA256_FIXED,
+                sec1,
+                signing_input,
+                signature,
+            ),
+            #[cfg(target_arch = "wasm32")]
             (Material::P256(k), Alg::ES256) => {
                 use p256::ecdsa::signature::Verifier as _;
                 // `from_slice` takes exactly r||s (64 bytes) and rejects r or s of 0 or >= n:
@@ -231,6 +255,23 @@ impl Key {
             _ => false,
         }
     }
+}
+
+/// ES256 (fixed-width r||s, r and s checked in range) with `ring` natively (the dynamic
+/// module and the CLI): its P-256 assembly verifies about 3x faster than RustCrypto's
+/// portable code (measured natively: about 95 µs against 280 µs). Not P-384 (`ring` has no
+/// fast path there and measured slower: 870 µs against 700 µs) nor Ed25519 (no measurable
+/// difference), and not in wasm, where `ring` has no assembly.
+#[cfg(not(target_arch = "wasm32"))]
+fn ring_verify(
+    alg: &'static dyn ring::signature::VerificationAlgorithm,
+    key: &[u8],
+    data: &[u8],
+    sig: &[u8],
+) -> bool {
+    ring::signature::UnparsedPublicKey::new(alg, key)
+        .verify(data, sig)
+        .is_ok()
 }
 
 /// Constant-time HMAC check; the tag must be full length (no truncated tags).
@@ -620,7 +661,7 @@ fn parse_key(v: &Value, allowed: AlgSet, source: &Source<'_>) -> Result<Key, Str
             if crv == "P-256" {
                 let k = p256::ecdsa::VerifyingKey::from_sec1_bytes(&sec1)
                     .map_err(|_| "not a point on P-256".to_string())?;
-                (Material::P256(Box::new(k)), AlgSet::of(&[Alg::ES256]))
+                (Material::P256(ec_key(k, sec1)), AlgSet::of(&[Alg::ES256]))
             } else {
                 let k = p384::ecdsa::VerifyingKey::from_sec1_bytes(&sec1)
                     .map_err(|_| "not a point on P-384".to_string())?;
