@@ -218,18 +218,19 @@ pub(crate) struct Metrics {
     key_sharing_over: Option<CounterId>,
     key_sharing_untracked: Option<CounterId>,
     /// Per rate limit (by index): allowed, denied, shadow_denied, slot_pressure, contention,
-    /// exempt.
-    limits: Vec<[Option<CounterId>; 6]>,
+    /// exempt, near_miss.
+    limits: Vec<[Option<CounterId>; 7]>,
 }
 
 /// Counter suffixes per rate limit, in [`Event`] order.
-const LIMIT_EVENTS: [&str; 6] = [
+const LIMIT_EVENTS: [&str; 7] = [
     "allowed",
     "denied",
     "shadow_denied",
     "slot_pressure",
     "contention",
     "exempt",
+    "near_miss",
 ];
 
 fn event_index(e: Event) -> usize {
@@ -240,6 +241,7 @@ fn event_index(e: Event) -> usize {
         Event::SlotPressure => 3,
         Event::Contention => 4,
         Event::Exempt => 5,
+        Event::NearMiss => 6,
     }
 }
 
