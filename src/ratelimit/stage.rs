@@ -85,12 +85,16 @@ fn run(cfg: &Config, req: &Request, ex: &mut Exchange, env: &Env, pre: bool) -> 
     let mut events: [Option<(usize, Event)>; 2 * super::config::MAX_LIMITS_PER_ROUTE] =
         Default::default();
     let mut n = 0;
-    // `abuse.key_sharing` with `tighten`: the per-client limits count this request double.
-    let cost = if !pre && ex.tightened {
+    // `abuse.key_sharing` with `tighten`: the per-client limits count this request double;
+    // a route under `adaptive` tightening: all its limits count it `adaptive_factor` times.
+    let mut cost = if !pre && ex.tightened {
         plan.cost.saturating_mul(crate::abuse::TIGHTEN_COST_FACTOR)
     } else {
         plan.cost
     };
+    if ex.adaptive_factor > 1 {
+        cost = cost.saturating_mul(ex.adaptive_factor);
+    }
     let decision = rl.check(
         ids,
         cost,
