@@ -80,9 +80,16 @@ fn a_surge_tightens_the_route_then_it_recovers_and_near_misses_are_reported_once
     assert_eq!(on[0]["policy"], "adaptive");
     assert_eq!(on[0]["tighten_to"], 0.5);
     assert!(on[0]["rate"].as_u64().unwrap() > 5, "{}", on[0]);
-    assert!(on[0]["ip"].as_str().unwrap().starts_with("198.18."), "{}", on[0]);
+    assert!(
+        on[0]["ip"].as_str().unwrap().starts_with("198.18."),
+        "{}",
+        on[0]
+    );
     assert_eq!(envoy.stat("wasmcustom.api_guard.adaptive.on"), 1);
-    assert_eq!(envoy.stat("wasmcustom.api_guard.adaptive.route.login.on"), 1);
+    assert_eq!(
+        envoy.stat("wasmcustom.api_guard.adaptive.route.login.on"),
+        1
+    );
     assert_eq!(envoy.stat("wasmcustom.api_guard.adaptive.off"), 0);
 
     // Cooldown (2 s from the last surging request): then one off event and normal limits.
@@ -98,10 +105,17 @@ fn a_surge_tightens_the_route_then_it_recovers_and_near_misses_are_reported_once
     let off = events(&envoy, "adaptive_off");
     assert_eq!(off.len(), 1, "{off:?}");
     assert_eq!(off[0]["route"], "login");
-    assert!(off[0]["tightened_ms"].as_u64().unwrap() >= 2000, "{}", off[0]);
+    assert!(
+        off[0]["tightened_ms"].as_u64().unwrap() >= 2000,
+        "{}",
+        off[0]
+    );
     assert_eq!(events(&envoy, "adaptive_on").len(), 1, "no flapping");
     assert_eq!(envoy.stat("wasmcustom.api_guard.adaptive.off"), 1);
-    assert_eq!(envoy.stat("wasmcustom.api_guard.adaptive.route.login.off"), 1);
+    assert_eq!(
+        envoy.stat("wasmcustom.api_guard.adaptive.route.login.off"),
+        1
+    );
 
     // Near miss: 0.8 of 5 is 4. The 4th request reports, the 5th and the refused 6th don't;
     // another client staying at 3 never does.
@@ -135,7 +149,10 @@ fn adaptive_config_errors_name_the_path() {
             r#"{"default_route":{"adaptive":{"surge_factor":0.5}}}"#,
             "default_route.adaptive.surge_factor",
         ),
-        (r#"{"abuse":{"near_miss_ratio":1}}"#, "abuse.near_miss_ratio"),
+        (
+            r#"{"abuse":{"near_miss_ratio":1}}"#,
+            "abuse.near_miss_ratio",
+        ),
     ] {
         let file = write_temp("adaptive-check.json", config);
         let out = cli().arg("check").arg(&file).output().unwrap();

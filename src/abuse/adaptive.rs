@@ -291,7 +291,9 @@ mod tests {
         assert!(after.iter().all(|o| !o.tightened));
         let sw = switches(&after);
         assert_eq!(sw.len(), 1);
-        assert!(matches!(sw[0], Switch::Off { tightened_ms } if (2000..=4000).contains(&tightened_ms)));
+        assert!(
+            matches!(sw[0], Switch::Off { tightened_ms } if (2000..=4000).contains(&tightened_ms))
+        );
         // The surge did not teach the baseline: the same surge trips again.
         let again = second(&a, &s, 15, 60);
         assert_eq!(switches(&again).len(), 1);
@@ -388,12 +390,23 @@ mod tests {
     #[test]
     fn cost_factor_and_foreign_records() {
         let mut a = route(5, 2);
-        for (t, f) in [(0.5, 2), (0.25, 4), (0.3, 4), (0.2, 5), (0.9, 2), (0.01, 100)] {
+        for (t, f) in [
+            (0.5, 2),
+            (0.25, 4),
+            (0.3, 4),
+            (0.2, 5),
+            (0.9, 2),
+            (0.01, 100),
+        ] {
             a.tighten_to = t;
             assert_eq!(a.cost_factor(), f, "{t}");
         }
         let s = MemoryStore::new();
-        assert_eq!(a.observe(&s, T0), Observed::default(), "no record: untouched");
+        assert_eq!(
+            a.observe(&s, T0),
+            Observed::default(),
+            "no record: untouched"
+        );
         s.set(&a.key, b"junk", None).unwrap();
         assert_eq!(a.observe(&s, T0), Observed::default());
         assert!(a.prepare(&s).unwrap());

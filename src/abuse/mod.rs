@@ -11,7 +11,9 @@ pub mod adaptive;
 pub mod key_sharing;
 
 use self::key_sharing::{KeySharing, Seen, MAX_DISTINCT};
-use crate::config::{AdaptiveConfig, Config, ConfigError, KeySharingConfig, Policy, RawConfig, Warning};
+use crate::config::{
+    AdaptiveConfig, Config, ConfigError, KeySharingConfig, Policy, RawConfig, Warning,
+};
 use crate::pipeline::{Env, Exchange, Request, Step};
 use crate::reply::{ErrorCode, LocalReply};
 use crate::store::{SharedStore, StoreError};
@@ -156,7 +158,10 @@ pub fn compile_adaptive(
         if v.is_finite() && v >= lo && v <= hi {
             Ok(())
         } else {
-            Err(ConfigError::new(format!("{path}.{field}"), what.to_string()))
+            Err(ConfigError::new(
+                format!("{path}.{field}"),
+                what.to_string(),
+            ))
         }
     };
     range(
@@ -512,7 +517,10 @@ mod tests {
         assert_eq!(v["route"], "login");
         assert_eq!(v["policy"], "adaptive");
         assert_eq!(v["ip"], "10.2.0.4");
-        assert_eq!(v["rate"], 6, "the victim's request of that second counts too");
+        assert_eq!(
+            v["rate"], 6,
+            "the victim's request of that second counts too"
+        );
         // Tightened: each request costs 2; the victim had 3 left: one passes, the next 429s
         // (it would have had 2 more at normal strength).
         assert!(go("10.1.1.1", t0 + 3500).0);
@@ -545,12 +553,12 @@ mod tests {
             (r#"{"min_rps":0}"#, "min_rps"),
             (r#"{"bogus":1}"#, ""),
         ] {
-            let json = format!(
-                r#"{{"routes":[{{"name":"r","match":{{"prefix":"/"}},"adaptive":{a}}}]}}"#
-            );
+            let json =
+                format!(r#"{{"routes":[{{"name":"r","match":{{"prefix":"/"}},"adaptive":{a}}}]}}"#);
             let e = config::parse(json.as_bytes(), &|_| None).unwrap_err();
             assert!(
-                e.path.starts_with(&format!("routes[0].adaptive.{path}").trim_end_matches('.')),
+                e.path
+                    .starts_with(&format!("routes[0].adaptive.{path}").trim_end_matches('.')),
                 "{a}: {e}"
             );
             let json = format!(r#"{{"default_route":{{"adaptive":{a}}}}}"#);

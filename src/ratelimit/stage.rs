@@ -277,11 +277,9 @@ mod tests {
 
     #[test]
     fn a_key_crossing_the_near_miss_ratio_reports_once_per_fill_time() {
-        let c = cfg(
-            r#"{"abuse":{"near_miss_ratio":0.5},
+        let c = cfg(r#"{"abuse":{"near_miss_ratio":0.5},
                 "rate_limits":{"a":{"key":["ip"],"capacity":4,"refill_tokens":4,"refill_period_s":10}},
-                "default_route":{"rate_limits":["a"]}}"#,
-        );
+                "default_route":{"rate_limits":["a"]}}"#);
         let store = MemoryStore::new();
         c.rate_limiter.prepare(&store).unwrap();
         let now = 1_700_000_000_000;
