@@ -354,7 +354,7 @@ mod tests {
             }
             fn set(&self, k: &str, v: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
                 self.n.set(self.n.get() + 1);
-                if self.n.get() % 2 == 0 {
+                if self.n.get().is_multiple_of(2) {
                     // Another worker's request lands in between.
                     let (cur, ver) = self.inner.get(k).unwrap();
                     let mut r = Record::decode(&cur).unwrap();

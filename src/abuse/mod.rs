@@ -558,7 +558,7 @@ mod tests {
             let e = config::parse(json.as_bytes(), &|_| None).unwrap_err();
             assert!(
                 e.path
-                    .starts_with(&format!("routes[0].adaptive.{path}").trim_end_matches('.')),
+                    .starts_with(format!("routes[0].adaptive.{path}").trim_end_matches('.')),
                 "{a}: {e}"
             );
             let json = format!(r#"{{"default_route":{{"adaptive":{a}}}}}"#);
