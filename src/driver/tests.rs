@@ -200,7 +200,7 @@ fn adaptive_switches_and_near_misses_are_logged_and_counted() {
         &mut h,
     );
     let t0 = h.now.get();
-    let mut go = |h: &mut FakeHost, at: u64| {
+    let go = |h: &mut FakeHost, at: u64| {
         h.now.set(t0 + at);
         h.request("GET", "/", &[]);
         Driver::new(Rc::clone(&w)).on_request_headers(h, true)
