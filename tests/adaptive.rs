@@ -22,7 +22,7 @@ const CONFIG: &str = r#"{
   },
   "routes": [
     { "name": "login", "match": { "prefix": "/login" }, "rate_limits": ["per-ip"],
-      "adaptive": { "surge_factor": 5, "baseline_s": 2, "tighten_to": 0.5, "cooldown_s": 2 } },
+      "adaptive": { "surge_factor": 5, "baseline_s": 2, "tighten_to": 0.5, "cooldown_s": 3 } },
     { "name": "scraped", "match": { "prefix": "/scraped" }, "rate_limits": ["nm"] }
   ],
   "default_route": { "auth": { "mode": "none" } }
@@ -92,8 +92,9 @@ fn a_surge_tightens_the_route_then_it_recovers_and_near_misses_are_reported_once
     );
     assert_eq!(envoy.stat("wasmcustom.api_guard.adaptive.off"), 0);
 
-    // Cooldown (2 s from the last surging request): then one off event and normal limits.
-    let wait = Duration::from_millis(2300).saturating_sub(on_at.elapsed());
+    // Cooldown (3 s from the last surging request, at the latest the victim's): then one off
+    // event and normal limits.
+    let wait = Duration::from_millis(3300).saturating_sub(on_at.elapsed());
     std::thread::sleep(wait);
     for want in [200, 200, 200, 200, 429] {
         assert_eq!(
