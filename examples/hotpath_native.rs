@@ -58,6 +58,7 @@ fn request_headers(token: &str) -> Vec<(String, String)> {
 fn per_request(label: &str, cfg: &config::Config, headers: &[(String, String)], n: u32) {
     let store = MemoryStore::new();
     cfg.rate_limiter.prepare(&store).expect("prepare");
+    api_guard::abuse::Abuse::prepare_adaptive(cfg, &store).expect("prepare adaptive");
     let upstream = vec![
         (":status".to_string(), "200".to_string()),
         ("content-length".to_string(), "3".to_string()),
@@ -170,6 +171,16 @@ fn main() {
     );
     per_request("JWT RS256 cached", &parse(&jwt_only), &headers, 100_000);
     per_request("rate limit by IP", &parse(&rl_only), &headers, 100_000);
+    // A request a millisecond: 1000/s against a learned baseline of 1000/s, never a surge;
+    // the cost is the per-request count (one CAS write of the route's record).
+    let mut adaptive = rl_only.clone();
+    adaptive["default_route"]["adaptive"] = json!({"surge_factor": 10, "baseline_s": 60});
+    per_request(
+        "rate limit by IP + adaptive route",
+        &parse(&adaptive),
+        &headers,
+        100_000,
+    );
     per_request(
         "JWT RS256 cached + rate limit + headers",
         &parse(&full),

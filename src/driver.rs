@@ -474,6 +474,12 @@ impl Driver {
         worker
             .metrics
             .abuse(host, std::mem::take(&mut self.ex.abuse));
+        worker.metrics.adaptive(
+            host,
+            &worker.config,
+            self.ex.matched,
+            std::mem::take(&mut self.ex.adaptive),
+        );
         for (limit, key) in std::mem::take(&mut self.ex.ratelimit.shadow_denials) {
             let name = worker
                 .config

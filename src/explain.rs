@@ -151,6 +151,13 @@ fn global(cfg: &Config, out: &mut String) {
             }
         );
     }
+    if !cfg.rate_limiter.limits.is_empty() {
+        let _ = writeln!(
+            out,
+            "  near misses: one near_miss event when a key first reaches {} of a limit              (abuse.near_miss_ratio), at most one per key per fill time of the limit",
+            cfg.rate_limiter.near_miss.ratio()
+        );
+    }
     if raw.routes.is_empty() && raw.default_route.is_none() {
         let _ = writeln!(out, "  no routes and no default_route");
     }
@@ -170,7 +177,7 @@ fn policy(
         "as every request (400 invalid_request on an ambiguous path)".to_string(),
         cors(cfg),
         declared_body(p),
-        limits(cfg, p, true),
+        with_adaptive(limits(cfg, p, true), p),
         credentials(&cfg.raw, p.auth.as_ref()),
         scopes(p.auth.as_ref()),
         key_sharing(cfg),
@@ -400,6 +407,25 @@ fn limits(cfg: &Config, p: &Policy, pre: bool) -> String {
         };
     }
     lines.join("\n")
+}
+
+/// The route's `adaptive` tightening, shown with the first limit step (it is counted just
+/// before it and applies to both limit steps).
+fn with_adaptive(text: String, p: &Policy) -> String {
+    let Some(a) = &p.adaptive else {
+        return text;
+    };
+    format!(
+        "{text}\nadaptive: the route's requests are counted first; when a second holds more than {} x max(baseline, {}/s) (baseline: mean rate over {} s, judged after {} s of learning, frozen while tightened), every limit of the route (here and per-client) takes {}x the cost, i.e. tightened to {} (tighten_to {}), until {} s after the last surging request; adaptive_on / adaptive_off events",
+        a.surge_factor,
+        a.min_rps,
+        a.baseline_s,
+        a.warmup_s(),
+        a.cost_factor(),
+        a.effective_share(),
+        a.tighten_to,
+        a.cooldown_s
+    )
 }
 
 fn jwt_method(raw: &RawConfig, provider: &str) -> String {
@@ -812,5 +838,36 @@ mod tests {
              window (UTC-aligned)\n\
              route exempt from these: clients svc"
         );
+    }
+
+    #[test]
+    fn adaptive_settings_and_the_near_miss_ratio_are_shown() {
+        let out = explain_json(
+            r#"{
+          "abuse": {"near_miss_ratio": 0.9},
+          "rate_limits": {"ip": {"key": ["ip"], "capacity": 10, "refill_tokens": 10, "refill_period_s": 60}},
+          "routes": [{"name": "login", "match": {"prefix": "/login"}, "rate_limits": ["ip"],
+                      "adaptive": {"surge_factor": 8, "baseline_s": 300, "tighten_to": 0.25, "cooldown_s": 120}}],
+          "default_route": {"auth": {"mode": "none"}}
+        }"#,
+        );
+        assert!(
+            out.contains(
+                "near misses: one near_miss event when a key first reaches 0.9 of a limit"
+            ),
+            "{out}"
+        );
+        let login = block(&out, "route 1 \"login\"");
+        assert_eq!(
+            login[4].1,
+            "ip (key ip, cost 1; over it: 429 rate_limit_exceeded): 10 tokens, refill 10 per 60 s\n\
+             adaptive: the route's requests are counted first; when a second holds more than 8 x \
+             max(baseline, 1/s) (baseline: mean rate over 300 s, judged after 60 s of learning, \
+             frozen while tightened), every limit of the route (here and per-client) takes 4x \
+             the cost, i.e. tightened to 0.25 (tighten_to 0.25), until 120 s after the last \
+             surging request; adaptive_on / adaptive_off events"
+        );
+        let default = block(&out, "default_route");
+        assert!(!default[4].1.contains("adaptive"));
     }
 }

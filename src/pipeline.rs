@@ -1,7 +1,8 @@
 //! The request path (SPEC section 3), as pure logic the glue drives.
 //!
 //! Order: route → path checks → CORS preflight → request hygiene (declared body size, content
-//! type) → per-IP/route limits → credentials → scopes → key sharing (`abuse`) → per-client
+//! type) → adaptive tightening (`adaptive`: the route's rate against its baseline) →
+//! per-IP/route limits → credentials → scopes → key sharing (`abuse`) → per-client
 //! limits → quota → webhook body check → body size of a body of unknown length → backend
 //! ceiling → forward.
 //!
@@ -69,6 +70,7 @@ pub enum Stage {
     #[default]
     Cors,
     Hygiene,
+    Adaptive,
     PreAuthLimits,
     Credentials,
     Scopes,
@@ -159,6 +161,11 @@ pub struct Exchange {
     pub abuse: crate::abuse::AbuseState,
     /// `abuse.key_sharing` with `tighten` applies: the per-client limits cost more.
     pub tightened: bool,
+    /// The route's `adaptive` tightening applies: each of its limits costs this many times
+    /// the route's cost (0 = not tightened).
+    pub adaptive_factor: u64,
+    /// The adaptive switches this request made, for counters.
+    pub adaptive: crate::abuse::AdaptiveState,
     /// The request body has ended (with the headers, or a later body callback). Set by the
     /// glue; `false` (a body may follow) is the safe default.
     pub body_ended: bool,
@@ -241,6 +248,7 @@ pub fn run(cfg: &Config, req: &Request, ex: &mut Exchange, env: &Env) -> Verdict
         let step = match ex.stage {
             Stage::Cors => crate::cors::stage(cfg, req, ex),
             Stage::Hygiene => hygiene_stage::headers(cfg, req, ex, env),
+            Stage::Adaptive => crate::abuse::adaptive_stage(cfg, req, ex, env),
             Stage::PreAuthLimits => crate::ratelimit::stage::pre_auth(cfg, req, ex, env),
             Stage::Credentials => crate::auth::stage::credentials(cfg, req, ex, env),
             Stage::Scopes => crate::auth::stage::scopes(cfg, req, ex, env),
@@ -368,7 +376,8 @@ pub fn on_stream_end(cfg: &Config, ex: &mut Exchange, env: &Env) {
 fn next(s: Stage) -> Stage {
     match s {
         Stage::Cors => Stage::Hygiene,
-        Stage::Hygiene => Stage::PreAuthLimits,
+        Stage::Hygiene => Stage::Adaptive,
+        Stage::Adaptive => Stage::PreAuthLimits,
         Stage::PreAuthLimits => Stage::Credentials,
         Stage::Credentials => Stage::Scopes,
         Stage::Scopes => Stage::KeySharing,

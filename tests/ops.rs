@@ -480,7 +480,8 @@ fn rules_and_dashboard_use_only_metrics_envoy_and_the_quota_service_expose() {
         ]},
         "rate_limits": {
             "per-ip": {"key": ["ip"], "capacity": 2, "refill_tokens": 1, "refill_period_s": 3600},
-            "probe": {"key": ["ip"], "capacity": 1, "refill_tokens": 1, "refill_period_s": 3600, "shadow": true}
+            "probe": {"key": ["ip"], "capacity": 1, "refill_tokens": 1, "refill_period_s": 3600, "shadow": true},
+            "per-ip-loose": {"key": ["ip"], "capacity": 100, "refill_tokens": 100, "refill_period_s": 60}
         },
         "webhooks": {"gh": {"scheme": "github", "secrets": ["ops-test-secret"]}},
         "quota": {"cluster": "quota", "timeout_ms": 500, "failure_mode": "allow"},
@@ -492,7 +493,10 @@ fn rules_and_dashboard_use_only_metrics_envoy_and_the_quota_service_expose() {
             {"name": "metered", "match": {"prefix": "/metered"}, "auth": {"mode": "none"},
              "quota": true},
             {"name": "admin", "match": {"prefix": "/admin"},
-             "auth": {"mode": "required", "methods": ["api_key"], "scopes_all": ["admin"]}}
+             "auth": {"mode": "required", "methods": ["api_key"], "scopes_all": ["admin"]}},
+            {"name": "surging", "match": {"prefix": "/surging"}, "auth": {"mode": "none"},
+             "rate_limits": ["per-ip-loose"],
+             "adaptive": {"surge_factor": 2, "baseline_s": 1, "cooldown_s": 60}}
         ],
         "default_route": {"auth": {"mode": "required", "methods": ["api_key"]}}
     });
@@ -542,6 +546,17 @@ fn rules_and_dashboard_use_only_metrics_envoy_and_the_quota_service_expose() {
             .count();
         assert!(shed >= 1, "max_rps 1 shed nothing of 5 requests");
     }
+    // A surge on an adaptive route (ApiGuardAdaptiveTighteningActive): one request, then,
+    // early in a later second (the baseline has learned 1 s), 4 requests: more than 2 x 1/s.
+    assert_eq!(envoy.get("/surging").status, 200);
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_millis();
+    std::thread::sleep(Duration::from_millis(u64::from(1050 - ms)));
+    for _ in 0..4 {
+        assert_eq!(envoy.get("/surging").status, 200);
+    }
     // The quota service answers (3 a day, the third crosses the 100 % alert), then refuses.
     for _ in 0..3 {
         assert_eq!(envoy.get("/metered").status, 200);
@@ -581,6 +596,7 @@ fn rules_and_dashboard_use_only_metrics_envoy_and_the_quota_service_expose() {
         ("api_guard_quota_unavailable", 1.0),
         ("api_guard_ratelimit_per_ip_denied", 1.0),
         ("api_guard_ratelimit_probe_shadow_denied", 1.0),
+        ("api_guard_adaptive_on", 1.0),
         ("envoy_cluster_upstream_rq_total", 6.0),
     ];
     if ceiling {

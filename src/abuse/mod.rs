@@ -1,14 +1,19 @@
 //! Defenses against distributed abuse that per-IP and per-client limits miss (`abuse`).
 //!
 //! - [`key_sharing`]: one client identity from more addresses than allowed.
+//! - [`adaptive`]: a route's limits tightened while its request rate surges (the `Adaptive`
+//!   stage, before the pre-auth limits).
 //!
 //! The pipeline stage runs after credentials and scopes, before the per-client limits, so a
 //! `tighten` action can make this request's limits stricter.
 
+pub mod adaptive;
 pub mod key_sharing;
 
 use self::key_sharing::{KeySharing, Seen, MAX_DISTINCT};
-use crate::config::{Config, ConfigError, KeySharingConfig, RawConfig};
+use crate::config::{
+    AdaptiveConfig, Config, ConfigError, KeySharingConfig, Policy, RawConfig, Warning,
+};
 use crate::pipeline::{Env, Exchange, Request, Step};
 use crate::reply::{ErrorCode, LocalReply};
 use crate::store::{SharedStore, StoreError};
@@ -64,6 +69,20 @@ impl Abuse {
             .map(|k| compile_key_sharing("abuse.key_sharing", k))
             .transpose()?;
         Ok(Abuse { key_sharing })
+    }
+
+    /// Creates the shared-data records of every route's `adaptive`; at configuration.
+    pub fn prepare_adaptive(cfg: &Config, store: &dyn SharedStore) -> Result<u32, StoreError> {
+        let mut n = 0;
+        let policies = cfg
+            .routes
+            .iter()
+            .map(|r| &r.policy)
+            .chain(cfg.default_route.as_ref());
+        for a in policies.filter_map(|p| p.adaptive.as_ref()) {
+            n += u32::from(a.prepare(store)?);
+        }
+        Ok(n)
     }
 
     /// Creates the shared-data pages; call at configuration, before traffic.
@@ -125,6 +144,148 @@ fn compile_key_sharing(
         },
         action,
     ))
+}
+
+/// Validates a route's `adaptive` (at `path`) and compiles it with its shared-data `key`.
+pub fn compile_adaptive(
+    path: &str,
+    key: &str,
+    a: &AdaptiveConfig,
+    policy: &Policy,
+    warnings: &mut Vec<Warning>,
+) -> Result<adaptive::Adaptive, ConfigError> {
+    let range = |field: &str, v: f64, lo: f64, hi: f64, what: &str| {
+        if v.is_finite() && v >= lo && v <= hi {
+            Ok(())
+        } else {
+            Err(ConfigError::new(
+                format!("{path}.{field}"),
+                what.to_string(),
+            ))
+        }
+    };
+    range(
+        "surge_factor",
+        a.surge_factor,
+        1.01,
+        1000.0,
+        "must be between 1.01 and 1000",
+    )?;
+    range(
+        "baseline_s",
+        a.baseline_s as f64,
+        1.0,
+        86400.0,
+        "must be between 1 and 86400",
+    )?;
+    range(
+        "cooldown_s",
+        a.cooldown_s as f64,
+        1.0,
+        86400.0,
+        "must be between 1 and 86400",
+    )?;
+    range(
+        "tighten_to",
+        a.tighten_to,
+        0.01,
+        0.99,
+        "must be between 0.01 and 0.99",
+    )?;
+    range(
+        "min_rps",
+        a.min_rps,
+        0.001,
+        1e6,
+        "must be between 0.001 and 1000000",
+    )?;
+    let compiled = adaptive::Adaptive {
+        surge_factor: a.surge_factor,
+        baseline_s: a.baseline_s,
+        tighten_to: a.tighten_to,
+        cooldown_s: a.cooldown_s,
+        min_rps: a.min_rps,
+        key: key.to_string(),
+    };
+    let share = compiled.effective_share();
+    if (share - a.tighten_to).abs() > 1e-9 {
+        warnings.push(Warning {
+            path: format!("{path}.tighten_to"),
+            message: format!(
+                "limits are tightened through the request cost (x{}), so {} applies as {share}",
+                compiled.cost_factor(),
+                a.tighten_to
+            ),
+        });
+    }
+    if policy.limits.is_empty() {
+        warnings.push(Warning {
+            path: path.to_string(),
+            message: "the route has no rate_limits: a surge is logged and counted but nothing is tightened".into(),
+        });
+    }
+    Ok(compiled)
+}
+
+/// The `Adaptive` stage: counts the request against its route's rate and baseline, logs
+/// the switches this request made, and tightens the route's limits while it surges.
+pub fn adaptive_stage(cfg: &Config, _req: &Request, ex: &mut Exchange, env: &Env) -> Step {
+    let Some(a) = ex.policy(cfg).and_then(|p| p.adaptive.as_ref()) else {
+        return Step::Next;
+    };
+    let seen = a.observe(env.store, env.now_ms);
+    if seen.tightened {
+        ex.adaptive_factor = a.cost_factor();
+    }
+    for sw in seen.switches.into_iter().flatten() {
+        let route = ex.route_name(cfg);
+        let (event, message, extra): (&str, String, Vec<(&str, serde_json::Value)>) = match sw {
+            adaptive::Switch::On { rate, baseline } => (
+                "adaptive_on",
+                format!(
+                    "route '{route}' surged to {rate} requests in a second (baseline {baseline:.2}/s): limits tightened to {} for {} s",
+                    a.effective_share(),
+                    a.cooldown_s
+                ),
+                vec![
+                    ("rate", rate.into()),
+                    ("baseline", ((baseline * 100.0).round() / 100.0).into()),
+                    ("surge_factor", a.surge_factor.into()),
+                    ("tighten_to", a.effective_share().into()),
+                    ("cooldown_s", a.cooldown_s.into()),
+                ],
+            ),
+            adaptive::Switch::Off { tightened_ms } => (
+                "adaptive_off",
+                format!("route '{route}' limits restored after {} ms", tightened_ms),
+                vec![("tightened_ms", tightened_ms.into())],
+            ),
+        };
+        let line = crate::events::EventLine {
+            event,
+            route,
+            policy: Some("adaptive"),
+            client: ex.identity.as_ref().map(|i| i.client.as_str()),
+            ip: ex.client_ip.as_deref(),
+            request_id: ex.request_id.as_deref(),
+            message: &message,
+            extra: &extra,
+        }
+        .line();
+        ex.events.push(line);
+        match sw {
+            adaptive::Switch::On { .. } => ex.adaptive.on = true,
+            adaptive::Switch::Off { .. } => ex.adaptive.off = true,
+        }
+    }
+    Step::Next
+}
+
+/// The adaptive switches a request made, for counters (the glue reads and clears it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AdaptiveState {
+    pub on: bool,
+    pub off: bool,
 }
 
 /// The pipeline stage: authenticated requests only.
@@ -303,5 +464,114 @@ mod tests {
             let e = config::parse(json.as_bytes(), &|_| None).unwrap_err();
             assert!(e.path.starts_with(path), "{ks}: {e}");
         }
+    }
+
+    #[test]
+    fn adaptive_tightens_every_limit_of_a_surging_route_then_restores_them() {
+        let json = r#"{"client_ip":{"xff_trusted_hops":1,"use_remote_address":false},
+            "rate_limits":{"ip":{"key":["ip"],"capacity":4,"refill_tokens":4,"refill_period_s":3600}},
+            "routes":[{"name":"login","match":{"prefix":"/"},"rate_limits":["ip"],
+                       "adaptive":{"surge_factor":5,"baseline_s":2,"tighten_to":0.5,"cooldown_s":2}}]}"#;
+        let c = config::parse(json.as_bytes(), &|_| None).unwrap().0;
+        let store = MemoryStore::new();
+        c.rate_limiter.prepare(&store).unwrap();
+        super::Abuse::prepare_adaptive(&c, &store).unwrap();
+        let t0 = 1_700_000_000_000u64;
+        let go = |ip: &str, now_ms: u64| {
+            let headers = vec![
+                (":method".to_string(), "GET".to_string()),
+                ("x-forwarded-for".to_string(), ip.to_string()),
+            ];
+            let req = Request {
+                method: "GET",
+                path: "/x",
+                headers: &headers,
+                source_address: Some("127.0.0.1:5000"),
+                route_name: None,
+            };
+            let env = Env {
+                now_ms,
+                store: &store,
+            };
+            let mut ex = Exchange::default();
+            let v = on_request_headers(&c, &req, &mut ex, &env);
+            (matches!(v, Verdict::Forward(_)), ex)
+        };
+        // Baseline: 1 request a second for 3 s (floored at min_rps 1: threshold 5).
+        for s in 0..3 {
+            assert!(go(&format!("10.0.0.{s}"), t0 + s * 1000).0);
+        }
+        // "victim" has used 1 of 4 before the surge.
+        assert!(go("10.1.1.1", t0 + 3000).0);
+        // Distinct addresses in one second: the 6th request of the second surges (> 5).
+        let mut on = Vec::new();
+        for i in 0..6 {
+            let (ok, ex) = go(&format!("10.2.0.{i}"), t0 + 3100 + i);
+            assert!(ok);
+            on.extend(ex.events.clone());
+            assert_eq!(ex.adaptive.on, i == 4);
+        }
+        assert_eq!(on.len(), 1, "{on:?}");
+        let v: serde_json::Value = serde_json::from_str(&on[0]).unwrap();
+        assert_eq!(v["event"], "api_guard.adaptive_on");
+        assert_eq!(v["route"], "login");
+        assert_eq!(v["policy"], "adaptive");
+        assert_eq!(v["ip"], "10.2.0.4");
+        assert_eq!(
+            v["rate"], 6,
+            "the victim's request of that second counts too"
+        );
+        // Tightened: each request costs 2; the victim had 3 left: one passes, the next 429s
+        // (it would have had 2 more at normal strength).
+        assert!(go("10.1.1.1", t0 + 3500).0);
+        let (ok, ex) = go("10.1.1.1", t0 + 3600);
+        assert!(!ok);
+        assert_eq!(ex.adaptive_factor, 2);
+        // Every request of that second was over 5, so the cooldown runs 2 s from the last
+        // (3600). Before: still tightened; after: one off event, cost 1.
+        let (_, ex) = go("10.3.0.2", t0 + 5599);
+        assert_eq!(ex.adaptive_factor, 2);
+        let (ok, ex) = go("10.3.0.1", t0 + 5600);
+        assert!(ok);
+        assert!(ex.adaptive.off && ex.events.len() == 1, "{:?}", ex.events);
+        assert!(ex.events[0].contains("\"event\":\"api_guard.adaptive_off\""));
+        assert_eq!(ex.adaptive_factor, 0);
+        let (ok, ex) = go("10.3.0.1", t0 + 5700);
+        assert!(ok && ex.events.is_empty());
+    }
+
+    #[test]
+    fn adaptive_config_errors_name_the_path_and_odd_shares_warn() {
+        for (a, path) in [
+            (r#"{"surge_factor":1}"#, "surge_factor"),
+            (r#"{"surge_factor":1e9}"#, "surge_factor"),
+            (r#"{"baseline_s":0}"#, "baseline_s"),
+            (r#"{"cooldown_s":0}"#, "cooldown_s"),
+            (r#"{"cooldown_s":100000}"#, "cooldown_s"),
+            (r#"{"tighten_to":1}"#, "tighten_to"),
+            (r#"{"tighten_to":0}"#, "tighten_to"),
+            (r#"{"min_rps":0}"#, "min_rps"),
+            (r#"{"bogus":1}"#, ""),
+        ] {
+            let json =
+                format!(r#"{{"routes":[{{"name":"r","match":{{"prefix":"/"}},"adaptive":{a}}}]}}"#);
+            let e = config::parse(json.as_bytes(), &|_| None).unwrap_err();
+            assert!(
+                e.path
+                    .starts_with(format!("routes[0].adaptive.{path}").trim_end_matches('.')),
+                "{a}: {e}"
+            );
+            let json = format!(r#"{{"default_route":{{"adaptive":{a}}}}}"#);
+            let e = config::parse(json.as_bytes(), &|_| None).unwrap_err();
+            assert!(e.path.starts_with("default_route.adaptive"), "{a}: {e}");
+        }
+        let json = r#"{"default_route":{"adaptive":{"tighten_to":0.3}}}"#;
+        let (_, w) = config::parse(json.as_bytes(), &|_| None).unwrap();
+        assert!(w
+            .iter()
+            .any(|w| w.path == "default_route.adaptive.tighten_to" && w.message.contains("0.25")));
+        assert!(w
+            .iter()
+            .any(|w| w.path == "default_route.adaptive" && w.message.contains("no rate_limits")));
     }
 }

@@ -69,6 +69,8 @@ pub struct Policy {
     pub limits: crate::ratelimit::RoutePlan,
     /// `max_body_bytes`, `content_types`, `backend_ceiling`; `None` when none is set.
     pub hygiene: Option<crate::hygiene::Hygiene>,
+    /// Adaptive tightening (`adaptive`); its `prepare` must run in `on_configure`.
+    pub adaptive: Option<crate::abuse::adaptive::Adaptive>,
 }
 
 #[derive(Debug, Clone)]
@@ -348,6 +350,7 @@ fn compile_policy(
         webhook: webhook.clone(),
         limits: Default::default(),
         hygiene: None,
+        adaptive: None,
     })
 }
 
@@ -580,6 +583,19 @@ pub fn compile(raw: RawConfig, env: EnvLookup<'_>) -> Result<(Config, Vec<Warnin
             r.content_types.as_deref(),
             r.backend_ceiling.as_ref(),
         )?;
+        policy.adaptive = r
+            .adaptive
+            .as_ref()
+            .map(|a| {
+                crate::abuse::compile_adaptive(
+                    &format!("{path}.adaptive"),
+                    &format!("ag:adapt:r:{}", r.name),
+                    a,
+                    &policy,
+                    &mut warnings,
+                )
+            })
+            .transpose()?;
         routes_out.push(Route {
             name: r.name.clone(),
             matcher,
@@ -606,6 +622,19 @@ pub fn compile(raw: RawConfig, env: EnvLookup<'_>) -> Result<(Config, Vec<Warnin
                 d.content_types.as_deref(),
                 d.backend_ceiling.as_ref(),
             )?;
+            policy.adaptive = d
+                .adaptive
+                .as_ref()
+                .map(|a| {
+                    crate::abuse::compile_adaptive(
+                        "default_route.adaptive",
+                        "ag:adapt:d",
+                        a,
+                        &policy,
+                        &mut warnings,
+                    )
+                })
+                .transpose()?;
             Some(policy)
         }
         None => {

@@ -215,6 +215,42 @@ pub struct RateLimitConfig {
 #[serde(deny_unknown_fields)]
 pub struct AbuseConfig {
     pub key_sharing: Option<KeySharingConfig>,
+    /// Share of a limit at which a key's first crossing is logged (`near_miss`); default 0.8.
+    pub near_miss_ratio: Option<f64>,
+}
+
+/// Per route `adaptive`: tighten the route's limits while its request rate surges.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveConfig {
+    #[serde(default = "d_surge_factor")]
+    pub surge_factor: f64,
+    #[serde(default = "d_baseline_s")]
+    pub baseline_s: u64,
+    #[serde(default = "d_tighten_to")]
+    pub tighten_to: f64,
+    #[serde(default = "d_cooldown_s")]
+    pub cooldown_s: u64,
+    /// Extension: the baseline's floor in requests per second (an idle route is not
+    /// "surging" on a handful of requests); default 1.
+    #[serde(default = "d_min_rps")]
+    pub min_rps: f64,
+}
+
+fn d_surge_factor() -> f64 {
+    10.0
+}
+fn d_baseline_s() -> u64 {
+    600
+}
+fn d_tighten_to() -> f64 {
+    0.5
+}
+fn d_cooldown_s() -> u64 {
+    300
+}
+fn d_min_rps() -> f64 {
+    1.0
 }
 
 /// `abuse.key_sharing`: distinct client addresses per authenticated client and window.
@@ -426,6 +462,8 @@ pub struct RouteConfig {
     pub content_types: Option<Vec<String>>,
     /// Request hygiene: a cap on the backend's load (503 `backend_overloaded`).
     pub backend_ceiling: Option<BackendCeilingConfig>,
+    /// Adaptive tightening while the route's request rate surges.
+    pub adaptive: Option<AdaptiveConfig>,
 }
 
 /// What a matched route (or the default route) applies.
@@ -447,6 +485,8 @@ pub struct PolicyConfig {
     pub content_types: Option<Vec<String>>,
     /// Request hygiene: a cap on the backend's load (503 `backend_overloaded`).
     pub backend_ceiling: Option<BackendCeilingConfig>,
+    /// Adaptive tightening while the route's request rate surges.
+    pub adaptive: Option<AdaptiveConfig>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

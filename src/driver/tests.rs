@@ -189,6 +189,53 @@ fn the_rate_limit_answers_429_once_the_bucket_is_empty() {
     assert_eq!(h.counter("api_guard.denied.rate_limit_exceeded"), 1);
 }
 
+#[test]
+fn adaptive_switches_and_near_misses_are_logged_and_counted() {
+    let mut h = FakeHost::new();
+    let w = worker(
+        json!({"rate_limits": {"per-ip": {"key": ["ip"], "capacity": 100, "refill_tokens": 100,
+                                          "refill_period_s": 60}},
+               "routes": [{"name": "log in", "match": {"prefix": "/"}, "rate_limits": ["per-ip"],
+                           "adaptive": {"surge_factor": 2, "baseline_s": 1, "cooldown_s": 1}}]}),
+        &mut h,
+    );
+    let t0 = h.now.get();
+    let go = |h: &mut FakeHost, at: u64| {
+        h.now.set(t0 + at);
+        h.request("GET", "/", &[]);
+        Driver::new(Rc::clone(&w)).on_request_headers(h, true)
+    };
+    // Learn 1/s for a second, then 3 in a second (> 2 x 1): on; after 1 s: off.
+    go(&mut h, 0);
+    for i in 0..3 {
+        go(&mut h, 1000 + i);
+    }
+    assert_eq!(h.counter("api_guard.adaptive.on"), 1);
+    assert_eq!(h.counter("api_guard.adaptive.route.log_in.on"), 1);
+    assert_eq!(
+        h.logged(LogLevel::Info, "\"event\":\"api_guard.adaptive_on\""),
+        1
+    );
+    assert_eq!(h.counter("api_guard.adaptive.off"), 0);
+    go(&mut h, 2500);
+    assert_eq!(h.counter("api_guard.adaptive.off"), 1);
+    assert_eq!(h.counter("api_guard.adaptive.route.log_in.off"), 1);
+    assert_eq!(
+        h.logged(LogLevel::Info, "\"event\":\"api_guard.adaptive_off\""),
+        1
+    );
+    // Tightened requests cost 2: 1 + 2 + 2 + 1 + 1 = 7 of 100 used, no near miss yet.
+    assert_eq!(h.counter("api_guard.ratelimit.per-ip.near_miss"), 0);
+    for i in 0..80 {
+        go(&mut h, 3000 + i * 20);
+    }
+    assert_eq!(h.counter("api_guard.ratelimit.per-ip.near_miss"), 1);
+    assert_eq!(
+        h.logged(LogLevel::Info, "\"event\":\"api_guard.near_miss\""),
+        1
+    );
+}
+
 fn quota_config(mode: &str) -> Value {
     json!({
         "quota": {"cluster": "quota", "timeout_ms": 80, "failure_mode": mode,

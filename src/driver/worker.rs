@@ -68,6 +68,12 @@ impl Worker {
                 format_args!("api-guard: preparing rate-limit tables: {e}"),
             ),
         }
+        if let Err(e) = crate::abuse::Abuse::prepare_adaptive(&cfg, store) {
+            platform.log(
+                LogLevel::Warn,
+                format_args!("api-guard: preparing the adaptive route records: {e:?}"),
+            );
+        }
         if let Err(e) = cfg.abuse.prepare(store) {
             platform.log(
                 LogLevel::Warn,
@@ -217,19 +223,25 @@ pub(crate) struct Metrics {
     /// tracked (table page full of live clients, contention).
     key_sharing_over: Option<CounterId>,
     key_sharing_untracked: Option<CounterId>,
+    /// Route `adaptive` switches, all routes: on, off (`on - off` is the number of routes
+    /// tightened right now, up to a switch off not yet made, see `abuse::adaptive`).
+    adaptive_all: [Option<CounterId>; 2],
+    /// The same per route (by index; the default route last), `None` without `adaptive`.
+    adaptive_routes: Vec<[Option<CounterId>; 2]>,
     /// Per rate limit (by index): allowed, denied, shadow_denied, slot_pressure, contention,
-    /// exempt.
-    limits: Vec<[Option<CounterId>; 6]>,
+    /// exempt, near_miss.
+    limits: Vec<[Option<CounterId>; 7]>,
 }
 
 /// Counter suffixes per rate limit, in [`Event`] order.
-const LIMIT_EVENTS: [&str; 6] = [
+const LIMIT_EVENTS: [&str; 7] = [
     "allowed",
     "denied",
     "shadow_denied",
     "slot_pressure",
     "contention",
     "exempt",
+    "near_miss",
 ];
 
 fn event_index(e: Event) -> usize {
@@ -240,6 +252,7 @@ fn event_index(e: Event) -> usize {
         Event::SlotPressure => 3,
         Event::Contention => 4,
         Event::Exempt => 5,
+        Event::NearMiss => 6,
     }
 }
 
@@ -258,7 +271,37 @@ impl Metrics {
                     .map(|e| p.define_counter(&format!("api_guard.ratelimit.{}.{e}", l.name)))
             })
             .collect();
+        let policies = cfg
+            .routes
+            .iter()
+            .map(|r| (r.name.as_str(), &r.policy))
+            .chain(cfg.default_route.as_ref().map(|d| ("default", d)));
+        let adaptive_routes = policies
+            .map(|(name, policy)| {
+                if policy.adaptive.is_none() {
+                    return [None, None];
+                }
+                // Route names are free text; stat names keep to a safe alphabet.
+                let name: String = name
+                    .chars()
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                            c
+                        } else {
+                            '_'
+                        }
+                    })
+                    .collect();
+                ["on", "off"]
+                    .map(|e| p.define_counter(&format!("api_guard.adaptive.route.{name}.{e}")))
+            })
+            .collect();
         Self {
+            adaptive_all: [
+                p.define_counter("api_guard.adaptive.on"),
+                p.define_counter("api_guard.adaptive.off"),
+            ],
+            adaptive_routes,
             allowed: p.define_counter("api_guard.allowed"),
             answered: p.define_counter("api_guard.answered"),
             quota_failed: p.define_counter("api_guard.quota.unavailable"),
@@ -291,6 +334,28 @@ impl Metrics {
         }
         if s.untracked {
             Self::bump(p, self.key_sharing_untracked);
+        }
+    }
+
+    /// Counts the adaptive switches a request of `matched` made.
+    pub fn adaptive<P: Platform + ?Sized>(
+        &self,
+        p: &P,
+        cfg: &Config,
+        matched: crate::pipeline::Matched,
+        s: crate::abuse::AdaptiveState,
+    ) {
+        use crate::pipeline::Matched;
+        let route = match matched {
+            Matched::Route(i) => self.adaptive_routes.get(i),
+            Matched::Default => self.adaptive_routes.get(cfg.routes.len()),
+            Matched::None => None,
+        };
+        for (i, happened) in [s.on, s.off].into_iter().enumerate() {
+            if happened {
+                Self::bump(p, self.adaptive_all[i]);
+                Self::bump(p, route.and_then(|r| r[i]));
+            }
         }
     }
 

@@ -144,6 +144,8 @@ pub struct Limit {
     pub pre_auth: bool,
     pub exempt: Option<Exempt>,
     pub table: Table,
+    /// Shared-data key of the limit's near-miss report table (`near_miss`).
+    pub near_miss_key: String,
 }
 
 /// Which limits a route applies, split by stage, and its cost.
@@ -169,6 +171,8 @@ pub struct RateLimiter {
     pub when_full: WhenFull,
     /// Header names whose values are hashed, not shown, in deny logs (credentials).
     pub secret_headers: Vec<String>,
+    /// `abuse.near_miss_ratio`.
+    pub near_miss: super::near_miss::NearMiss,
 }
 
 fn param_err(path: &str, e: super::bucket::ParamError) -> ConfigError {
@@ -396,6 +400,7 @@ impl RateLimiter {
                 && !exempt.as_ref().is_some_and(Exempt::needs_identity);
             limits.push(Limit {
                 table: Table::new(&format!("{KEY_PREFIX}{name}:"), slots),
+                near_miss_key: super::near_miss::table_key(name),
                 name: name.clone(),
                 key,
                 rule,
@@ -412,10 +417,21 @@ impl RateLimiter {
         if let Some(k) = &raw.api_keys {
             secret_headers.push(k.header.to_ascii_lowercase());
         }
+        let near_miss = match raw.abuse.as_ref().and_then(|a| a.near_miss_ratio) {
+            None => super::near_miss::NearMiss::default(),
+            Some(r) if r > 0.0 && r < 1.0 => super::near_miss::NearMiss::from_ratio(r),
+            Some(_) => {
+                return Err(ConfigError::new(
+                    "abuse.near_miss_ratio",
+                    "must be greater than 0 and less than 1",
+                ))
+            }
+        };
         Ok(RateLimiter {
             limits,
             when_full,
             secret_headers,
+            near_miss,
         })
     }
 

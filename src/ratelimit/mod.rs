@@ -18,6 +18,7 @@ pub mod bucket;
 pub mod config;
 pub mod exempt;
 pub mod headers;
+pub mod near_miss;
 pub mod stage;
 pub mod table;
 pub mod window;
@@ -102,6 +103,9 @@ pub enum Event {
     Contention,
     /// The request matched the limit's or the route's `exempt` and bypassed the limit.
     Exempt,
+    /// The request made its key first reach `near_miss_ratio` of the limit, and the key had
+    /// not reported within the limit's fill time: see [`Decision::near_misses`].
+    NearMiss,
 }
 
 /// Why a request was refused.
@@ -130,6 +134,18 @@ pub struct Decision {
     pub denial: Option<Denial>,
     /// The limit to show in the headers (least remaining; the refusing one on a denial).
     pub report: Option<Report>,
+    /// Near misses to log (allowed requests only).
+    pub near_misses: [Option<NearMissHit>; MAX_LIMITS_PER_ROUTE],
+}
+
+/// A key that first reached `near_miss_ratio` of a limit (shadow limits too: near misses
+/// are how a shadow limit's numbers get tuned).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NearMissHit {
+    pub limit: usize,
+    /// Whole tokens in use after this request.
+    pub used: u64,
+    pub capacity: u64,
 }
 
 impl Decision {
@@ -193,6 +209,9 @@ impl RateLimiter {
         let mut created = 0;
         for l in &self.limits {
             created += l.table.prepare(store)?;
+            if near_miss::prepare(store, &l.near_miss_key).map_err(|_| TableError::StoreFailed)? {
+                created += 1;
+            }
         }
         Ok(created)
     }
@@ -343,11 +362,14 @@ impl RateLimiter {
             return Decision {
                 denial: Some(d),
                 report: Some(r),
+                near_misses: Default::default(),
             };
         }
 
         // Commit phase: CAS-write each bucket, re-deciding on a lost race.
-        for p in pending.iter_mut().filter_map(Option::take) {
+        let mut near_misses: [Option<NearMissHit>; MAX_LIMITS_PER_ROUTE] = Default::default();
+        for (n, p) in pending.iter_mut().enumerate() {
+            let Some(p) = p.take() else { continue };
             let Some(limit) = self.limits.get(p.limit) else {
                 continue;
             };
@@ -381,6 +403,14 @@ impl RateLimiter {
                         params,
                         cost,
                     });
+                    let used = status.capacity.saturating_sub(status.remaining);
+                    if self.near_miss.crossed(status.capacity, used, cost) {
+                        near_misses[n] = Some(NearMissHit {
+                            limit: p.limit,
+                            used,
+                            capacity: status.capacity,
+                        });
+                    }
                     if !limit.shadow {
                         report = Report::tighter(
                             report,
@@ -435,11 +465,40 @@ impl RateLimiter {
                     limit: p.limit,
                     status,
                 }),
+                near_misses: Default::default(),
             };
+        }
+        // Admitted: report the crossings whose key has not reported within its period
+        // (shared by every worker).
+        for hit in near_misses.iter_mut() {
+            let Some(h) = *hit else { continue };
+            let Some(limit) = self.limits.get(h.limit) else {
+                continue;
+            };
+            let Some(params) = limit.rule.params_for(keys.tier()) else {
+                continue;
+            };
+            let period = near_miss::NearMiss::period_ms(
+                params.capacity(),
+                params.refill_tokens(),
+                params.refill_period_s(),
+            );
+            if near_miss::admit(
+                store,
+                &limit.near_miss_key,
+                self.key_hash(limit, keys),
+                now_ms,
+                period,
+            ) {
+                observe(h.limit, Event::NearMiss);
+            } else {
+                *hit = None;
+            }
         }
         Decision {
             denial: None,
             report,
+            near_misses,
         }
     }
 

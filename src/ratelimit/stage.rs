@@ -85,12 +85,16 @@ fn run(cfg: &Config, req: &Request, ex: &mut Exchange, env: &Env, pre: bool) -> 
     let mut events: [Option<(usize, Event)>; 2 * super::config::MAX_LIMITS_PER_ROUTE] =
         Default::default();
     let mut n = 0;
-    // `abuse.key_sharing` with `tighten`: the per-client limits count this request double.
-    let cost = if !pre && ex.tightened {
+    // `abuse.key_sharing` with `tighten`: the per-client limits count this request double;
+    // a route under `adaptive` tightening: all its limits count it `adaptive_factor` times.
+    let mut cost = if !pre && ex.tightened {
         plan.cost.saturating_mul(crate::abuse::TIGHTEN_COST_FACTOR)
     } else {
         plan.cost
     };
+    if ex.adaptive_factor > 1 {
+        cost = cost.saturating_mul(ex.adaptive_factor);
+    }
     let decision = rl.check(
         ids,
         cost,
@@ -114,6 +118,36 @@ fn run(cfg: &Config, req: &Request, ex: &mut Exchange, env: &Env, pre: bool) -> 
     }
     match decision.denial {
         None => {
+            for h in decision.near_misses.iter().flatten() {
+                let Some(limit) = rl.limits.get(h.limit) else {
+                    continue;
+                };
+                let message = format!(
+                    "key reached {} of {} of rate limit '{}' (near_miss_ratio {})",
+                    h.used,
+                    h.capacity,
+                    limit.name,
+                    rl.near_miss.ratio()
+                );
+                let line = crate::events::EventLine {
+                    event: "near_miss",
+                    route: keys.route,
+                    policy: Some(&limit.name),
+                    client: ex.identity.as_ref().map(|i| i.client.as_str()),
+                    ip: ex.client_ip.as_deref(),
+                    request_id: ex.request_id.as_deref(),
+                    message: &message,
+                    extra: &[
+                        ("key", rl.describe_key(h.limit, &keys).into()),
+                        ("used", h.used.into()),
+                        ("limit", h.capacity.into()),
+                        ("shadow", limit.shadow.into()),
+                    ],
+                }
+                .line();
+                ex.events.push(line);
+            }
+            let state = &mut ex.ratelimit;
             let report = Report::tighter(state.report, decision.report);
             state.report = report;
             set_headers(cfg, ex, report, env.now_ms);
@@ -238,6 +272,59 @@ mod tests {
                 None,
                 "an exempt request shows no limit"
             );
+        }
+    }
+
+    #[test]
+    fn a_key_crossing_the_near_miss_ratio_reports_once_per_fill_time() {
+        let c = cfg(r#"{"abuse":{"near_miss_ratio":0.5},
+                "rate_limits":{"a":{"key":["ip"],"capacity":4,"refill_tokens":4,"refill_period_s":10}},
+                "default_route":{"rate_limits":["a"]}}"#);
+        let store = MemoryStore::new();
+        c.rate_limiter.prepare(&store).unwrap();
+        let now = 1_700_000_000_000;
+        let mut lines = Vec::new();
+        let mut counted = 0;
+        for i in 0..4 {
+            let (v, mut ex) = go(&c, &store, now + i);
+            assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+            counted += ex
+                .ratelimit
+                .drain_events()
+                .filter(|(_, e)| *e == super::super::Event::NearMiss)
+                .count();
+            if !ex.events.is_empty() {
+                lines.push((i, ex.events.clone()));
+            }
+        }
+        assert_eq!(counted, 1);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert_eq!(lines[0].0, 1, "the 2nd request reaches 2 of 4");
+        let v: serde_json::Value = serde_json::from_str(&lines[0].1[0]).unwrap();
+        assert_eq!(v["event"], "api_guard.near_miss");
+        assert_eq!(v["policy"], "a");
+        assert_eq!(v["key"], "ip=192.0.2.1");
+        assert_eq!(v["used"], 2);
+        assert_eq!(v["limit"], 4);
+        assert_eq!(v["ip"], "192.0.2.1");
+        // Refilled (3.6 tokens back after 9 s) and crossing again within the 10 s silence:
+        // not reported.
+        for t in [9_000, 9_001] {
+            let (_, ex) = go(&c, &store, now + t);
+            assert!(ex.events.is_empty(), "{:?}", ex.events);
+        }
+        // After the fill time, a new crossing reports again.
+        go(&c, &store, now + 20_000);
+        let (_, ex) = go(&c, &store, now + 20_001);
+        assert_eq!(ex.events.len(), 1, "{:?}", ex.events);
+    }
+
+    #[test]
+    fn near_miss_ratio_is_validated() {
+        for r in ["0", "1", "-0.5", "1.5"] {
+            let json = format!(r#"{{"abuse":{{"near_miss_ratio":{r}}}}}"#);
+            let e = config::parse(json.as_bytes(), &|_| None).unwrap_err();
+            assert_eq!(e.path, "abuse.near_miss_ratio", "{r}: {e}");
         }
     }
 }
