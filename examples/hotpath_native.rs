@@ -59,6 +59,7 @@ fn per_request(label: &str, cfg: &config::Config, headers: &[(String, String)], 
     let store = MemoryStore::new();
     cfg.rate_limiter.prepare(&store).expect("prepare");
     api_guard::abuse::Abuse::prepare_adaptive(cfg, &store).expect("prepare adaptive");
+    cfg.abuse.prepare(&store).expect("prepare key sharing");
     let upstream = vec![
         (":status".to_string(), "200".to_string()),
         ("content-length".to_string(), "3".to_string()),
@@ -181,9 +182,31 @@ fn main() {
         &headers,
         100_000,
     );
+    let mut sliding = rl_only.clone();
+    sliding["rate_limits"]["per-client"] = json!({"key": ["ip"], "algorithm": "sliding_window",
+                                                  "limit": 1_000_000_000u64, "window_s": 60});
+    per_request("sliding window by IP", &parse(&sliding), &headers, 100_000);
+    // Exemptions the request does not match (the common case: every request pays the check).
+    let mut exempt = rl_only.clone();
+    exempt["rate_limits"]["per-client"]["exempt"] =
+        json!({"cidrs": ["10.0.0.0/8", "172.16.0.0/12", "2001:db8::/32"]});
+    per_request(
+        "rate limit by IP + exempt CIDRs",
+        &parse(&exempt),
+        &headers,
+        100_000,
+    );
     per_request(
         "JWT RS256 cached + rate limit + headers",
         &parse(&full),
+        &headers,
+        100_000,
+    );
+    let mut ks = full.clone();
+    ks["abuse"] = json!({"key_sharing": {"max_distinct_ips": 20}});
+    per_request(
+        "... + key sharing (abuse.key_sharing)",
+        &parse(&ks),
         &headers,
         100_000,
     );

@@ -157,6 +157,18 @@ fn windows_exemptions_and_stacked_limits() {
     assert_eq!(from(&envoy, "/internal", "203.0.113.9").status, 200);
     from(&envoy, "/internal", "203.0.113.9").assert_error(429, "rate_limit_exceeded");
 
+    // Each exempt key shows up once as an event (not once per request): 3 partner addresses
+    // and 1 internal one.
+    let exempt_events: Vec<serde_json::Value> = envoy
+        .logs()
+        .lines()
+        .filter_map(|l| l.find("{\"event\":\"api_guard.exempt\"").map(|i| &l[i..]))
+        .map(|j| serde_json::from_str(j).unwrap())
+        .collect();
+    assert_eq!(exempt_events.len(), 4, "{exempt_events:?}");
+    assert!(exempt_events
+        .iter()
+        .any(|e| e["policy"] == "tight" && e["ip"] == "198.51.100.9"));
     // Every bypass is counted, in total and per limit: 5 partners + 3 internal.
     assert_eq!(envoy.stat("wasmcustom.api_guard.exempt"), 8);
     assert_eq!(

@@ -341,4 +341,40 @@ mod tests {
         bad[18] = 255; // an address count beyond the maximum is clamped
         assert_eq!(k.decode(&bad).len(), ENTRIES);
     }
+
+    #[test]
+    fn a_million_addresses_and_100k_clients_stay_within_the_table() {
+        let k = KeySharing {
+            pages: 1024, // tracked_clients 4096
+            ..ks(20)
+        };
+        let store = MemoryStore::new();
+        k.prepare(&store).unwrap();
+        let footprint = |s: &MemoryStore| {
+            (0..k.pages)
+                .map(|p| s.get(&KeySharing::page_key(p)).map_or(0, |(v, _)| v.len()))
+                .sum::<usize>()
+        };
+        let before = footprint(&store);
+        assert_eq!(before, 1024 * k.page_bytes());
+        // One client from 1M addresses: 20 are kept, the rest are over.
+        let mut over = 0;
+        for i in 0u32..1_000_000 {
+            let ip = std::net::Ipv4Addr::from(0x0a00_0000 + i).to_string();
+            if matches!(k.observe(&store, "leaked", &ip, T0), Seen::Over { .. }) {
+                over += 1;
+            }
+        }
+        assert_eq!(over, 1_000_000 - 20);
+        // 100k clients: at most 4096 tracked at once, the rest untracked, nothing grows.
+        let mut untracked = 0;
+        for c in 0..100_000 {
+            if k.observe(&store, &format!("client-{c}"), "192.0.2.1", T0) == Seen::Untracked {
+                untracked += 1;
+            }
+        }
+        assert!(untracked >= 100_000 - 4096, "{untracked}");
+        assert_eq!(store.len(), 1024, "no key beyond the pages");
+        assert_eq!(footprint(&store), before, "no page grows");
+    }
 }

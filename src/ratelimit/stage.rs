@@ -55,6 +55,52 @@ fn set_headers(cfg: &Config, ex: &mut Exchange, report: Option<Report>, now_ms: 
     }
 }
 
+/// One `exempt` event per (limit, key) and fill time of the limit, shared by every worker
+/// (the silencing table near misses use, under a different hash): bypasses are visible in the
+/// event stream without one line per request. Every bypass is still counted.
+fn exempt_events(
+    cfg: &Config,
+    ex: &Exchange,
+    keys: &RequestKeys<'_>,
+    exempted: &[Option<usize>],
+    env: &Env,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    const SALT: u64 = 0x6578_656d_7074_0001; // "exempt": never a near-miss entry's hash
+    let rl = &cfg.rate_limiter;
+    for &id in exempted.iter().flatten() {
+        let Some(limit) = rl.limits.get(id) else {
+            continue;
+        };
+        let (c, r, p) = match limit.rule.params_for(keys.tier()) {
+            Some(b) => (b.capacity(), b.refill_tokens(), b.refill_period_s()),
+            None => continue,
+        };
+        let period = super::near_miss::NearMiss::period_ms(c, r, p);
+        let hash = rl.key_hash(limit, keys) ^ SALT;
+        if !super::near_miss::admit(env.store, &limit.near_miss_key, hash, env.now_ms, period) {
+            continue;
+        }
+        let message = format!(
+            "request bypassed rate limit '{}' through `exempt`",
+            limit.name
+        );
+        let line = crate::events::EventLine {
+            event: "exempt",
+            route: keys.route,
+            policy: Some(&limit.name),
+            client: ex.identity.as_ref().map(|i| i.client.as_str()),
+            ip: ex.client_ip.as_deref(),
+            request_id: ex.request_id.as_deref(),
+            message: &message,
+            extra: &[("key", rl.describe_key(id, keys).into())],
+        }
+        .line();
+        out.push(line);
+    }
+    out
+}
+
 /// Limits whose key needs no identity: before credentials are verified.
 pub fn pre_auth(cfg: &Config, req: &Request, ex: &mut Exchange, env: &Env) -> Step {
     run(cfg, req, ex, env, true)
@@ -110,12 +156,20 @@ fn run(cfg: &Config, req: &Request, ex: &mut Exchange, env: &Env, pre: bool) -> 
             }
         },
     );
+    let mut exempted: [Option<usize>; super::config::MAX_LIMITS_PER_ROUTE] = Default::default();
     for (id, e) in events.into_iter().flatten() {
         state.record(id, e);
         if e == Event::ShadowDenied {
             state.shadow_denials.push((id, rl.describe_key(id, &keys)));
         }
+        if e == Event::Exempt {
+            if let Some(slot) = exempted.iter_mut().find(|s| s.is_none()) {
+                *slot = Some(id);
+            }
+        }
     }
+    let lines = exempt_events(cfg, ex, &keys, &exempted, env);
+    ex.events.extend(lines);
     match decision.denial {
         None => {
             for h in decision.near_misses.iter().flatten() {
@@ -262,9 +316,14 @@ mod tests {
         let store = MemoryStore::new();
         c.rate_limiter.prepare(&store).unwrap();
         let now = 1_700_000_000_000;
-        for _ in 0..3 {
+        for i in 0..3 {
             let (v, mut ex) = go(&c, &store, now);
             assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+            // One `exempt` event per key and fill time, not one per request.
+            assert_eq!(ex.events.len(), usize::from(i == 0), "{:?}", ex.events);
+            if i == 0 {
+                assert!(ex.events[0].starts_with("{\"event\":\"api_guard.exempt\""));
+            }
             let events: Vec<_> = ex.ratelimit.drain_events().collect();
             assert_eq!(events, vec![(0, super::super::Event::Exempt)]);
             assert_eq!(
