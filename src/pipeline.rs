@@ -267,6 +267,8 @@ pub fn run(cfg: &Config, req: &Request, ex: &mut Exchange, env: &Env) -> Verdict
             Step::Next => ex.stage = next(ex.stage),
             Step::Reply(r) => {
                 ex.stage = Stage::Done;
+                // 401s and 429s feed the route's adaptive denial rate.
+                crate::abuse::adaptive_denial(cfg, ex, env, r.code);
                 return Verdict::Reply(r);
             }
             Step::Answer(a) => {

@@ -166,3 +166,56 @@ fn adaptive_config_errors_name_the_path() {
         assert!(text.contains(path), "{config}: {text}");
     }
 }
+
+/// A route whose request rate stays flat while its 401s burst (credential stuffing with
+/// few requests): the denial rate switches it on.
+const STUFFED: &str = r#"{
+  "client_ip": { "xff_trusted_hops": 1, "use_remote_address": true },
+  "api_keys": { "header": "x-api-key", "keys": [
+    { "id": "acme", "sha256": "6f0f8db1716f1a7909f09fef4ef9730dbcaa99df6f63e5f832f2122b27af2335" } ] },
+  "rate_limits": {
+    "per-ip": { "key": ["ip"], "capacity": 4, "refill_tokens": 4, "refill_period_s": 3600 }
+  },
+  "routes": [
+    { "name": "signin", "match": { "prefix": "/signin" }, "rate_limits": ["per-ip"],
+      "auth": { "mode": "required", "methods": ["api_key"] },
+      "adaptive": { "surge_factor": 5, "baseline_s": 2, "tighten_to": 0.5, "cooldown_s": 30 } }
+  ],
+  "default_route": { "auth": { "mode": "none" } }
+}"#;
+
+#[test]
+fn a_burst_of_401s_tightens_the_route_without_a_request_surge() {
+    let envoy = Envoy::start(STUFFED);
+    let signin = |ip: &str, key: &str| {
+        envoy
+            .req("GET", "/signin")
+            .header("x-forwarded-for", ip)
+            .header("x-api-key", key)
+            .send()
+    };
+    // Baseline: about 4 good requests a second for 3.5 s, no denials.
+    let start = Instant::now();
+    let mut n = 0;
+    while start.elapsed() < Duration::from_millis(3500) {
+        let r = signin(&format!("10.1.0.{n}"), "k-acme-0123456789abcdef");
+        assert_eq!(r.status, 200, "{}", r.text());
+        n += 1;
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(signin("192.0.2.90", "k-acme-0123456789abcdef").status, 200);
+    // 8 wrong keys from 8 addresses in well under a second: 8 requests is no request surge
+    // (5 x ~4/s), but more than 5 x max(0, min_rps 1) denials.
+    for i in 0..8 {
+        signin(&format!("198.19.0.{i}"), "k-wrong-key-000000000000")
+            .assert_error(401, "invalid_api_key");
+    }
+    let on = events(&envoy, "adaptive_on");
+    assert_eq!(on.len(), 1, "{on:?}");
+    assert_eq!(on[0]["trigger"], "denials");
+    assert_eq!(on[0]["route"], "signin");
+    // Tightened: the good client's 3 remaining tokens give one more request, not three.
+    assert_eq!(signin("192.0.2.90", "k-acme-0123456789abcdef").status, 200);
+    signin("192.0.2.90", "k-acme-0123456789abcdef").assert_error(429, "rate_limit_exceeded");
+    assert_eq!(envoy.stat("wasmcustom.api_guard.adaptive.on"), 1);
+}

@@ -32,8 +32,8 @@
 
 use crate::store::{SharedStore, StoreError};
 
-const VERSION: u8 = 1;
-const RECORD_BYTES: usize = 42;
+const VERSION: u8 = 2;
+const RECORD_BYTES: usize = 54;
 const MAX_CAS_RETRIES: u32 = 16;
 /// Longest warm-up before a route is judged, in seconds.
 pub const MAX_WARMUP_S: u64 = 60;
@@ -63,6 +63,10 @@ struct Record {
     on: bool,
     since_ms: u64,
     until_ms: u64,
+    /// 401s and 429s of the route in `sec`, and their baseline (per second), learned like
+    /// the request rate.
+    denials: u32,
+    deny_baseline: f64,
 }
 
 impl Record {
@@ -73,6 +77,8 @@ impl Record {
         let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or([0; 8]));
         let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap_or([0; 4]));
         let baseline = f64::from_bits(u64_at(14));
+        let deny_baseline = f64::from_bits(u64_at(46));
+        let sane = |x: f64| if x.is_finite() && x >= 0.0 { x } else { 0.0 };
         Some(Record {
             on: b[1] == 1,
             sec: u64_at(2),
@@ -85,6 +91,8 @@ impl Record {
             learned_s: u32_at(22),
             since_ms: u64_at(26),
             until_ms: u64_at(34),
+            denials: u32_at(42),
+            deny_baseline: sane(deny_baseline),
         })
     }
 
@@ -98,6 +106,8 @@ impl Record {
         b[22..26].copy_from_slice(&self.learned_s.to_le_bytes());
         b[26..34].copy_from_slice(&self.since_ms.to_le_bytes());
         b[34..42].copy_from_slice(&self.until_ms.to_le_bytes());
+        b[42..46].copy_from_slice(&self.denials.to_le_bytes());
+        b[46..54].copy_from_slice(&self.deny_baseline.to_bits().to_le_bytes());
         b
     }
 }
@@ -105,8 +115,13 @@ impl Record {
 /// A switch this request made (it won the CAS that made it): log and count it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Switch {
-    /// `rate`: requests in the current second; `baseline`: requests per second.
-    On { rate: u32, baseline: f64 },
+    /// `rate`: requests (or, with `denials`, 401s and 429s) in the current second;
+    /// `baseline`: their usual count per second.
+    On {
+        rate: u32,
+        baseline: f64,
+        denials: bool,
+    },
     /// `tightened_ms`: how long the route was tightened.
     Off { tightened_ms: u64 },
 }
@@ -169,8 +184,46 @@ impl Adaptive {
         last
     }
 
-    /// The pure transition of one request.
-    fn step(&self, r: &mut Record, now_ms: u64) -> Observed {
+    /// Counts one 401 or 429 answered on the route at `now_ms` (the request itself was
+    /// counted by [`Adaptive::observe`]). A surge of them (credential stuffing, a client
+    /// hammering a limit) switches the route on like a request surge; while on, denials do
+    /// not extend the cooldown, so the 429s the tightening itself causes cannot keep it on.
+    pub fn observe_denial(&self, store: &dyn SharedStore, now_ms: u64) -> Observed {
+        for _ in 0..MAX_CAS_RETRIES {
+            let Some((bytes, cas)) = store.get(&self.key) else {
+                return Observed::default();
+            };
+            let Some(mut r) = Record::decode(&bytes) else {
+                return Observed::default();
+            };
+            let mut out = self.advance(&mut r, now_ms);
+            r.denials = r.denials.saturating_add(1);
+            let warmed = u64::from(r.learned_s) >= self.warmup_s();
+            let threshold = self.surge_factor * r.deny_baseline.max(self.min_rps);
+            if warmed && !r.on && f64::from(r.denials) > threshold {
+                r.on = true;
+                r.since_ms = now_ms;
+                r.until_ms = now_ms.saturating_add(self.cooldown_s.saturating_mul(1000));
+                let at = usize::from(out.switches[0].is_some());
+                out.switches[at] = Some(Switch::On {
+                    rate: r.denials,
+                    baseline: r.deny_baseline,
+                    denials: true,
+                });
+            }
+            out.tightened = r.on;
+            match store.set(&self.key, &r.encode(), Some(cas)) {
+                Ok(()) => return out,
+                Err(StoreError::CasMismatch) => continue,
+                Err(StoreError::Failed) => return Observed::default(),
+            }
+        }
+        Observed::default()
+    }
+
+    /// Moves the record to `now_ms`'s second (folding completed seconds into the baselines)
+    /// and switches off an expired tightening.
+    fn advance(&self, r: &mut Record, now_ms: u64) -> Observed {
         let mut out = Observed::default();
         let sec = now_ms / 1000;
         let was_on = r.on;
@@ -183,6 +236,7 @@ impl Adaptive {
         if r.sec == 0 {
             r.sec = sec;
             r.count = 0;
+            r.denials = 0;
         } else if sec > r.sec {
             // The baseline does not learn while tightened (the completed second was a surge,
             // and silence under tightening says nothing either).
@@ -191,7 +245,14 @@ impl Adaptive {
             }
             r.sec = sec;
             r.count = 0;
+            r.denials = 0;
         }
+        out
+    }
+
+    /// The pure transition of one request.
+    fn step(&self, r: &mut Record, now_ms: u64) -> Observed {
+        let mut out = self.advance(r, now_ms);
         // A worker whose clock is behind (sec < r.sec) counts into the newest second.
         r.count = r.count.saturating_add(1);
         let warmed = u64::from(r.learned_s) >= self.warmup_s();
@@ -205,6 +266,7 @@ impl Adaptive {
                 out.switches[at] = Some(Switch::On {
                     rate: r.count,
                     baseline: r.baseline,
+                    denials: false,
                 });
             }
             r.until_ms = r.until_ms.max(until);
@@ -213,17 +275,23 @@ impl Adaptive {
         out
     }
 
-    /// Folds the completed second `r.count` and then `gap` seconds without requests.
+    /// Folds the completed second (`r.count`, `r.denials`) and then `gap` seconds without
+    /// requests into both baselines.
     fn fold(&self, r: &mut Record, gap: u64) {
         let tau = self.baseline_s as f64;
-        let c = f64::from(r.count);
-        if r.learned_s == 0 {
-            r.baseline = c;
-        } else {
-            let a = 1.0 - (-1.0 / tau).exp();
-            r.baseline += a * (c - r.baseline);
+        let decay = (-(gap.min(1 << 20) as f64) / tau).exp();
+        for (base, c) in [
+            (&mut r.baseline, f64::from(r.count)),
+            (&mut r.deny_baseline, f64::from(r.denials)),
+        ] {
+            if r.learned_s == 0 {
+                *base = c;
+            } else {
+                let a = 1.0 - (-1.0 / tau).exp();
+                *base += a * (c - *base);
+            }
+            *base *= decay;
         }
-        r.baseline *= (-(gap.min(1 << 20) as f64) / tau).exp();
         r.learned_s = r
             .learned_s
             .saturating_add(u32::try_from(gap.saturating_add(1)).unwrap_or(u32::MAX));
@@ -280,7 +348,7 @@ mod tests {
         let sw = switches(&surge);
         assert_eq!(sw.len(), 1, "{sw:?}");
         assert!(
-            matches!(sw[0], Switch::On { rate: 51, baseline } if (baseline - 5.0).abs() < 0.5),
+            matches!(sw[0], Switch::On { rate: 51, baseline, denials: false } if (baseline - 5.0).abs() < 0.5),
             "{sw:?}"
         );
         // Quiet traffic while tightened: still on, no events, baseline frozen.
@@ -419,7 +487,50 @@ mod tests {
             on: true,
             since_ms: 11,
             until_ms: 13,
+            denials: 17,
+            deny_baseline: 0.75,
         };
         assert_eq!(Record::decode(&r.encode()), Some(r));
+    }
+
+    #[test]
+    fn a_surge_of_401s_and_429s_switches_on_but_cannot_keep_it_on() {
+        let a = route(5, 3);
+        let s = MemoryStore::new();
+        a.prepare(&s).unwrap();
+        // 20 req/s with 1 denial a second for 10 s: the denial baseline is about 1/s.
+        for sec in 0..10 {
+            second(&a, &s, sec, 20);
+            assert!(a.observe_denial(&s, T0 + sec * 1000 + 500).switches == [None, None]);
+        }
+        // Same request rate, but 11 denials in one second: more than 10 x max(1, 1).
+        let at = T0 + 10_000;
+        second(&a, &s, 10, 20);
+        let seen: Vec<Observed> = (0..11)
+            .map(|i| a.observe_denial(&s, at + 100 + i))
+            .collect();
+        assert!(seen[..10].iter().all(|o| !o.tightened));
+        let sw = switches(&seen);
+        assert!(
+            matches!(
+                sw[..],
+                [Switch::On {
+                    rate: 11,
+                    denials: true,
+                    ..
+                }]
+            ),
+            "{sw:?}"
+        );
+        // While on, more denials (the tightening's own 429s) do not extend the cooldown.
+        for sec in 11..13 {
+            for i in 0..30 {
+                a.observe_denial(&s, T0 + sec * 1000 + i);
+            }
+        }
+        let after = second(&a, &s, 14, 5);
+        let sw = switches(&after);
+        assert!(matches!(sw[..], [Switch::Off { .. }]), "{sw:?}");
+        assert!(after.iter().all(|o| !o.tightened));
     }
 }

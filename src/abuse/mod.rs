@@ -237,17 +237,53 @@ pub fn adaptive_stage(cfg: &Config, _req: &Request, ex: &mut Exchange, env: &Env
     if seen.tightened {
         ex.adaptive_factor = a.cost_factor();
     }
+    push_switches(cfg, ex, a, seen);
+    Step::Next
+}
+
+/// Counts a 401 or 429 the route answered into its adaptive denial rate (the pipeline calls
+/// it for every such local reply), logging a switch on if this denial made one.
+pub fn adaptive_denial(cfg: &Config, ex: &mut Exchange, env: &Env, code: ErrorCode) {
+    if !matches!(
+        code,
+        ErrorCode::MissingCredentials
+            | ErrorCode::InvalidToken
+            | ErrorCode::InvalidApiKey
+            | ErrorCode::RateLimitExceeded
+    ) {
+        return;
+    }
+    let Some(a) = ex.policy(cfg).and_then(|p| p.adaptive.as_ref()) else {
+        return;
+    };
+    let seen = a.observe_denial(env.store, env.now_ms);
+    push_switches(cfg, ex, a, seen);
+}
+
+/// Logs and counts the switches one request made.
+fn push_switches(
+    cfg: &Config,
+    ex: &mut Exchange,
+    a: &adaptive::Adaptive,
+    seen: adaptive::Observed,
+) {
     for sw in seen.switches.into_iter().flatten() {
         let route = ex.route_name(cfg);
         let (event, message, extra): (&str, String, Vec<(&str, serde_json::Value)>) = match sw {
-            adaptive::Switch::On { rate, baseline } => (
+            adaptive::Switch::On {
+                rate,
+                baseline,
+                denials,
+            } => (
                 "adaptive_on",
                 format!(
-                    "route '{route}' surged to {rate} requests in a second (baseline {baseline:.2}/s): limits tightened to {} for {} s",
+                    "route '{route}' surged to {rate} {} in a second (baseline {baseline:.2}/s): limits tightened to {} for {} s",
+                    if denials { "401/429 answers" } else { "requests" },
                     a.effective_share(),
                     a.cooldown_s
                 ),
                 vec![
+                    ("trigger", if denials { "denials" } else { "requests" }.into()),
                     ("rate", rate.into()),
                     ("baseline", ((baseline * 100.0).round() / 100.0).into()),
                     ("surge_factor", a.surge_factor.into()),
@@ -278,7 +314,6 @@ pub fn adaptive_stage(cfg: &Config, _req: &Request, ex: &mut Exchange, env: &Env
             adaptive::Switch::Off { .. } => ex.adaptive.off = true,
         }
     }
-    Step::Next
 }
 
 /// The adaptive switches a request made, for counters (the glue reads and clears it).
