@@ -19,7 +19,7 @@ use crate::decision::{
     BucketReport, Decision, FiredAlert, Outcome, QuotaReport, UsageState, Which,
 };
 use crate::periods::Periods;
-use crate::policy::{OveragePolicy, Override};
+use crate::policy::{OveragePolicy, Override, Policy};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
@@ -52,7 +52,7 @@ struct Job {
     now: u64,
     cost: u64,
     tier: String,
-    policy: String,
+    policy: Arc<str>,
     day_end: u64,
     month_end: u64,
     thresholds: String,
@@ -62,6 +62,7 @@ struct Job {
 impl Job {
     fn new(
         a: &CheckArgs<'_>,
+        policies: &PolicyCache,
     ) -> Result<(Self, oneshot::Receiver<Result<Decision, StoreError>>), StoreError> {
         let k = ClientKeys::new(a.client, a.periods);
         let (tx, rx) = oneshot::channel();
@@ -70,14 +71,38 @@ impl Job {
             now: a.now_ms,
             cost: a.cost,
             tier: a.tier.to_string(),
-            policy: serde_json::to_string(a.tier_policy)
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            policy: policies.json(a.tier_policy)?,
             day_end: a.periods.day.end_ms,
             month_end: a.periods.month.end_ms,
             thresholds: thresholds_csv(a.thresholds),
             reply: tx,
         };
         Ok((job, rx))
+    }
+}
+
+/// Tier policies as the JSON the scripts read, serialized once: a service has a handful of
+/// tiers and serializing one per check is measurable. Bounded (cleared when full) so
+/// arbitrary policies (tests, future callers) cannot grow it.
+#[derive(Default)]
+struct PolicyCache(std::sync::Mutex<Vec<(Policy, Arc<str>)>>);
+
+impl PolicyCache {
+    const MAX: usize = 64;
+
+    fn json(&self, p: &Policy) -> Result<Arc<str>, StoreError> {
+        let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, j)) = v.iter().find(|(q, _)| q == p) {
+            return Ok(j.clone());
+        }
+        let j: Arc<str> = serde_json::to_string(p)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?
+            .into();
+        if v.len() >= Self::MAX {
+            v.clear();
+        }
+        v.push((p.clone(), j.clone()));
+        Ok(j)
     }
 }
 
@@ -114,12 +139,13 @@ async fn run_many(
     let all = |e: StoreError| jobs.iter().map(|_| Err(e.clone())).collect();
     // Distinct policies once each (usually one per tier), referenced by 1-based index.
     let mut index: HashMap<&str, usize> = HashMap::new();
+    // (A policy is keyed by its JSON: equal policies share one entry.)
     let mut policies: Vec<&str> = Vec::new();
     let refs: Vec<usize> = jobs
         .iter()
         .map(|j| {
-            *index.entry(&j.policy).or_insert_with(|| {
-                policies.push(&j.policy);
+            *index.entry(&*j.policy).or_insert_with(|| {
+                policies.push(&*j.policy);
                 policies.len()
             })
         })
@@ -212,6 +238,7 @@ pub struct RedisStore {
     /// Standalone only: the queue to the batching task.
     batch: Option<mpsc::Sender<Job>>,
     batch_stats: Arc<BatchStats>,
+    policies: PolicyCache,
     check_many: Script,
     check: Script,
     usage: Script,
@@ -319,6 +346,7 @@ impl RedisStore {
             conn,
             batch,
             batch_stats,
+            policies: PolicyCache::default(),
             check_many,
             check: Script::new(scripts::CHECK),
             usage: Script::new(scripts::USAGE),
@@ -363,7 +391,7 @@ impl RedisStore {
     pub async fn check_batch(&self, checks: &[CheckArgs<'_>]) -> Vec<Result<Decision, StoreError>> {
         let mut jobs = Vec::with_capacity(checks.len());
         for a in checks {
-            match Job::new(a) {
+            match Job::new(a, &self.policies) {
                 Ok((j, _)) => jobs.push(j),
                 Err(e) => return checks.iter().map(|_| Err(e.clone())).collect(),
             }
@@ -386,8 +414,7 @@ impl RedisStore {
     /// One check as its own `CHECK` call (Cluster).
     async fn check_one(&self, a: &CheckArgs<'_>) -> Result<Decision, StoreError> {
         let keys = ClientKeys::new(a.client, a.periods);
-        let policy =
-            serde_json::to_string(a.tier_policy).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let policy = self.policies.json(a.tier_policy)?;
         let thresholds = thresholds_csv(a.thresholds);
         let (now, cost) = (a.now_ms.to_string(), a.cost.to_string());
         let (day_end, month_end) = (
@@ -602,7 +629,7 @@ impl Store for RedisStore {
             let Some(queue) = &self.batch else {
                 return self.check_one(&a).await;
             };
-            let (job, rx) = Job::new(&a)?;
+            let (job, rx) = Job::new(&a, &self.policies)?;
             // The deadline covers the queue and the batch's round trip.
             let answer = async {
                 queue

@@ -31,13 +31,36 @@ macro_rules! check_fn {
     () => {
         r#"
 local POLICY_CODE = {hard_stop = 0, throttle = 1, overage = 2}
--- Integers as digits: tostring would print large counts in exponent form.
+-- Numbers go to redis.call as digits: Redis would format a Lua number with "%.17g", which is
+-- several times slower (and prints large counts in exponent form).
 local function int(x) return string.format('%d', x) end
 
 -- A rate below the current choice's, compared without division.
 local function slower(a, than)
   return a.refill_tokens * than.refill_period_s < than.refill_tokens * a.refill_period_s
 end
+
+-- Level is tokens x period_ms so refills stay integers. A bucket stored under another period
+-- (the limit changed) starts full.
+local function load_bucket(key, b, now)
+  local pms = b.refill_period_s * 1000
+  local cap = b.capacity * pms
+  local level, t = cap, now
+  local h = redis.call('HMGET', key, 'l', 't', 'p')
+  if h[1] and tonumber(h[3]) == pms then
+    level = tonumber(h[1])
+    t = tonumber(h[2])
+    if now > t then
+      level = level + (now - t) * b.refill_tokens
+      t = now
+    end
+    if level > cap then level = cap end
+  end
+  return level, t, cap, pms
+end
+
+local function lim(s) if type(s) == 'table' then return s.limit end return -1 end
+local function pol(s) if type(s) == 'table' then return POLICY_CODE[s.policy] or -1 end return -1 end
 
 local function check(K, now, cost, tier, policy, day_end, month_end, thresholds_csv, grace)
   local ov = redis.call('GET', K[1])
@@ -52,34 +75,18 @@ local function check(K, now, cost, tier, policy, day_end, month_end, thresholds_
   local thresholds = {}
   for th in string.gmatch(thresholds_csv, '%d+') do thresholds[#thresholds + 1] = tonumber(th) end
 
-  -- Level is tokens x period_ms so refills stay integers. A bucket stored under another
-  -- period (the limit changed) starts full.
-  local function load_bucket(key, b)
-    local pms = b.refill_period_s * 1000
-    local cap = b.capacity * pms
-    local level, t = cap, now
-    local h = redis.call('HMGET', key, 'l', 't', 'p')
-    if h[1] and tonumber(h[3]) == pms then
-      level = tonumber(h[1])
-      t = tonumber(h[2])
-      if now > t then
-        level = level + (now - t) * b.refill_tokens
-        t = now
-      end
-      if level > cap then level = cap end
-    end
-    return level, t, cap, pms
-  end
-
   local quotas = {
     {K[4], policy.daily, day_end},
     {K[5], policy.monthly, month_end},
   }
   local used = {0, 0}
+  local fresh = {false, false}
   local exceeded, reset_at = 0, 0
   local throttle = nil
   for i, q in ipairs(quotas) do
-    used[i] = tonumber(redis.call('HGET', q[1], 'u')) or 0
+    local u = redis.call('HGET', q[1], 'u')
+    fresh[i] = not u
+    used[i] = tonumber(u) or 0
     local s = q[2]
     if type(s) == 'table' and used[i] + cost > s.limit then
       if s.policy == 'hard_stop' then
@@ -97,7 +104,7 @@ local function check(K, now, cost, tier, policy, day_end, month_end, thresholds_
   if retry < 0 then retry = 0 end
   local cap_tokens, period_s, remaining, full_in = 0, 0, -1, 0
   if type(b) == 'table' then
-    local level, t, cap, pms = load_bucket(bkey, b)
+    local level, t, cap, pms = load_bucket(bkey, b, now)
     local need = cost * pms
     if outcome == 0 then
       if need > level then
@@ -106,8 +113,8 @@ local function check(K, now, cost, tier, policy, day_end, month_end, thresholds_
       else
         level = level - need
         full_in = math.ceil((cap - level) / b.refill_tokens)
-        redis.call('HSET', bkey, 'l', level, 't', t, 'p', pms)
-        redis.call('PEXPIRE', bkey, full_in + 1000)
+        redis.call('HSET', bkey, 'l', int(level), 't', int(t), 'p', int(pms))
+        redis.call('PEXPIRE', bkey, int(full_in + 1000))
       end
     end
     cap_tokens, period_s = b.capacity, b.refill_period_s
@@ -122,8 +129,10 @@ local function check(K, now, cost, tier, policy, day_end, month_end, thresholds_
       -- One HSET of the new count (read above, in this same atomic step) and the tier.
       used[i] = used[i] + cost
       redis.call('HSET', q[1], 'u', int(used[i]), 'tier', tier)
-      -- Relative to the service's clock, not Redis's: the period is the service's idea.
-      redis.call('PEXPIRE', q[1], q[3] - now + grace)
+      -- Relative to the service's clock, not Redis's: the period is the service's idea. Set
+      -- when the counter is created (it lives to the period's end plus a day of grace); a
+      -- counter that exists has its expiry already, so later checks skip the write.
+      if fresh[i] then redis.call('PEXPIRE', q[1], int(q[3] - now + grace)) end
       local s = q[2]
       if type(s) == 'table' and s.limit > 0 then
         for _, th in ipairs(thresholds) do
@@ -137,8 +146,6 @@ local function check(K, now, cost, tier, policy, day_end, month_end, thresholds_
     end
   end
 
-  local function lim(s) if type(s) == 'table' then return s.limit end return -1 end
-  local function pol(s) if type(s) == 'table' then return POLICY_CODE[s.policy] or -1 end return -1 end
   return {outcome, tier, cap_tokens, period_s, remaining, full_in, throttled, retry,
           used[1], lim(policy.daily), pol(policy.daily),
           used[2], lim(policy.monthly), pol(policy.monthly),
