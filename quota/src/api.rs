@@ -340,7 +340,7 @@ async fn check(
         return Err(ApiError::bad(format!("cost must be 0..={MAX_COST}")));
     }
     let now = (s.clock)();
-    let periods = Periods::at(now).map_err(|e| {
+    let periods = Periods::at_cached(now).map_err(|e| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "clock_error",

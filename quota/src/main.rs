@@ -197,6 +197,10 @@ async fn main() -> ExitCode {
         shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
+    // No Nagle: every answer is one small write the caller is waiting for.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let served = axum::serve(listener, router)
         .with_graceful_shutdown(stopped(stop_rx))
         .await;

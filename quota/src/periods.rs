@@ -101,6 +101,24 @@ impl Periods {
         })
     }
 
+    /// [`Periods::at`], computed once per UTC day and shared: a check reads the clock on
+    /// every request and the periods change once a day. The cached value is used only when
+    /// `now_ms` falls inside its day (and so inside its month), so any clock, even one moving
+    /// back, gets the right periods.
+    pub fn at_cached(now_ms: u64) -> Result<std::sync::Arc<Self>, PeriodError> {
+        use std::sync::{Arc, Mutex};
+        static LAST: Mutex<Option<Arc<Periods>>> = Mutex::new(None);
+        let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = last.as_ref() {
+            if p.day.start_ms <= now_ms && now_ms < p.day.end_ms {
+                return Ok(p.clone());
+            }
+        }
+        let p = Arc::new(Self::at(now_ms)?);
+        *last = Some(p.clone());
+        Ok(p)
+    }
+
     pub fn get(&self, kind: PeriodKind) -> &Period {
         match kind {
             PeriodKind::Daily => &self.day,
@@ -132,6 +150,25 @@ pub fn rfc3339(unix_ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cached_periods_follow_the_clock_both_ways() {
+        let t = 1_709_114_400_000; // 2024-02-28T10:00:00Z
+        for now in [
+            t,
+            t + 1,
+            t + 86_400_000,
+            t - 86_400_000 * 40,
+            t,
+            t + 3 * 86_400_000,
+        ] {
+            assert_eq!(
+                *Periods::at_cached(now).unwrap(),
+                Periods::at(now).unwrap(),
+                "{now}"
+            );
+        }
+    }
 
     fn ms(s: &str) -> u64 {
         let t = OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).unwrap();

@@ -14,38 +14,35 @@
 //! Replicas' clocks differ by at most NTP skew; a bucket never refills backwards (a `now`
 //! older than the stored time adds nothing).
 
-/// One quota decision (port of `crate::decision::decide`).
+/// The decision itself, as a Lua function shared by [`CHECK`] and [`CHECK_MANY`] (port of
+/// `crate::decision::decide`). A macro so both scripts are built from the same text with
+/// `concat!`.
 ///
-/// KEYS: 1 client override (string, JSON `Override`), 2 tier bucket (hash l,t,p),
-///       3 throttle bucket (hash l,t,p), 4 day usage (hash u,tier,a<N>), 5 month usage.
-/// ARGV: 1 now (Unix ms), 2 cost, 3 request tier, 4 tier policy (JSON `Policy`),
-///       5 day end (Unix ms), 6 month end (Unix ms), 7 alert thresholds ("80,90,100"),
-///       8 usage grace (ms kept after the period ends).
-/// Returns: {outcome 0 allowed|1 rate limited|2 quota exceeded, tier, bucket capacity (0 = no
-///       bucket), bucket period s, bucket remaining, ms until full, throttled 0|1, retry after
-///       ms, day used, day limit (-1 none), day policy (-1 none), month used, month limit,
-///       month policy, fired alerts ("d80,m90"), exceeded quota (0 none|1 day|2 month)}.
-pub const CHECK: &str = r#"
-local now = tonumber(ARGV[1])
-local cost = tonumber(ARGV[2])
-local tier = ARGV[3]
-local policy = cjson.decode(ARGV[4])
-local ov = redis.call('GET', KEYS[1])
-if ov then
-  local o = cjson.decode(ov)
-  if type(o.tier) == 'string' then tier = o.tier end
-  if o.limit ~= nil then policy.limit = o.limit end
-  if o.daily ~= nil then policy.daily = o.daily end
-  if o.monthly ~= nil then policy.monthly = o.monthly end
-end
+/// `check(K, now, cost, tier, policy, day_end, month_end, thresholds, grace)`:
+///   K = {client override (string, JSON `Override`), tier bucket (hash l,t,p), throttle bucket
+///        (hash l,t,p), day usage (hash u,tier,a<N>), month usage};
+///   `policy` is the decoded tier policy (not modified: an override makes a copy);
+///   `thresholds` is "80,90,100"; `grace` is ms kept after a period ends.
+/// Returns {outcome 0 allowed|1 rate limited|2 quota exceeded, tier, bucket capacity (0 = no
+///   bucket), bucket period s, bucket remaining, ms until full, throttled 0|1, retry after ms,
+///   day used, day limit (-1 none), day policy (-1 none), month used, month limit, month
+///   policy, fired alerts ("d80,m90"), exceeded quota (0 none|1 day|2 month)}.
+macro_rules! check_fn {
+    () => {
+        r#"
 local POLICY_CODE = {hard_stop = 0, throttle = 1, overage = 2}
-local grace = tonumber(ARGV[8])
-local thresholds = {}
-for th in string.gmatch(ARGV[7], '%d+') do thresholds[#thresholds + 1] = tonumber(th) end
+-- Numbers go to redis.call as digits: Redis would format a Lua number with "%.17g", which is
+-- several times slower (and prints large counts in exponent form).
+local function int(x) return string.format('%d', x) end
+
+-- A rate below the current choice's, compared without division.
+local function slower(a, than)
+  return a.refill_tokens * than.refill_period_s < than.refill_tokens * a.refill_period_s
+end
 
 -- Level is tokens x period_ms so refills stay integers. A bucket stored under another period
 -- (the limit changed) starts full.
-local function load_bucket(key, b)
+local function load_bucket(key, b, now)
   local pms = b.refill_period_s * 1000
   local cap = b.capacity * pms
   local level, t = cap, now
@@ -62,83 +59,156 @@ local function load_bucket(key, b)
   return level, t, cap, pms
 end
 
--- A rate below the current choice's, compared without division.
-local function slower(a, than)
-  return a.refill_tokens * than.refill_period_s < than.refill_tokens * a.refill_period_s
-end
+local function lim(s) if type(s) == 'table' then return s.limit end return -1 end
+local function pol(s) if type(s) == 'table' then return POLICY_CODE[s.policy] or -1 end return -1 end
 
-local quotas = {
-  {KEYS[4], policy.daily, tonumber(ARGV[5])},
-  {KEYS[5], policy.monthly, tonumber(ARGV[6])},
-}
-local used = {0, 0}
-local exceeded, reset_at = 0, 0
-local throttle = nil
-for i, q in ipairs(quotas) do
-  used[i] = tonumber(redis.call('HGET', q[1], 'u')) or 0
-  local s = q[2]
-  if type(s) == 'table' and used[i] + cost > s.limit then
-    if s.policy == 'hard_stop' then
-      if q[3] >= reset_at then exceeded = i; reset_at = q[3] end
-    elseif s.policy == 'throttle' and type(s.throttle) == 'table' then
-      if throttle == nil or slower(s.throttle, throttle) then throttle = s.throttle end
-    end
+local function check(K, now, cost, tier, policy, day_end, month_end, thresholds_csv, grace)
+  local ov = redis.call('GET', K[1])
+  if ov then
+    local o = cjson.decode(ov)
+    policy = {limit = policy.limit, daily = policy.daily, monthly = policy.monthly}
+    if type(o.tier) == 'string' then tier = o.tier end
+    if o.limit ~= nil then policy.limit = o.limit end
+    if o.daily ~= nil then policy.daily = o.daily end
+    if o.monthly ~= nil then policy.monthly = o.monthly end
   end
-end
+  local thresholds = {}
+  for th in string.gmatch(thresholds_csv, '%d+') do thresholds[#thresholds + 1] = tonumber(th) end
 
-local b, bkey, throttled = policy.limit, KEYS[2], 0
-if throttle ~= nil then b, bkey, throttled = throttle, KEYS[3], 1 end
-local outcome, retry = 0, 0
-if exceeded > 0 then outcome = 2; retry = reset_at - now end
-if retry < 0 then retry = 0 end
-local cap_tokens, period_s, remaining, full_in = 0, 0, -1, 0
-if type(b) == 'table' then
-  local level, t, cap, pms = load_bucket(bkey, b)
-  local need = cost * pms
-  if outcome == 0 then
-    if need > level then
-      outcome = 1
-      if need > cap then retry = pms else retry = math.ceil((need - level) / b.refill_tokens) end
-    else
-      level = level - need
-      full_in = math.ceil((cap - level) / b.refill_tokens)
-      redis.call('HSET', bkey, 'l', level, 't', t, 'p', pms)
-      redis.call('PEXPIRE', bkey, full_in + 1000)
-    end
-  end
-  cap_tokens, period_s = b.capacity, b.refill_period_s
-  remaining = math.floor(level / pms)
-  full_in = math.ceil((cap - level) / b.refill_tokens)
-end
-
-local fired = {}
-if outcome == 0 then
-  local tag = {'d', 'm'}
+  local quotas = {
+    {K[4], policy.daily, day_end},
+    {K[5], policy.monthly, month_end},
+  }
+  local used = {0, 0}
+  local fresh = {false, false}
+  local exceeded, reset_at = 0, 0
+  local throttle = nil
   for i, q in ipairs(quotas) do
-    used[i] = redis.call('HINCRBY', q[1], 'u', ARGV[2])
-    redis.call('HSET', q[1], 'tier', tier)
-    -- Relative to the service's clock, not Redis's: the period is the service's idea.
-    redis.call('PEXPIRE', q[1], q[3] - now + grace)
+    local u = redis.call('HGET', q[1], 'u')
+    fresh[i] = not u
+    used[i] = tonumber(u) or 0
     local s = q[2]
-    if type(s) == 'table' and s.limit > 0 then
-      for _, th in ipairs(thresholds) do
-        -- The marker is set here, in the same atomic step as the count: exactly one request
-        -- per period crosses each threshold, whatever the number of replicas.
-        if used[i] * 100 >= th * s.limit and redis.call('HSETNX', q[1], 'a' .. th, 1) == 1 then
-          fired[#fired + 1] = tag[i] .. th
+    if type(s) == 'table' and used[i] + cost > s.limit then
+      if s.policy == 'hard_stop' then
+        if q[3] >= reset_at then exceeded = i; reset_at = q[3] end
+      elseif s.policy == 'throttle' and type(s.throttle) == 'table' then
+        if throttle == nil or slower(s.throttle, throttle) then throttle = s.throttle end
+      end
+    end
+  end
+
+  local b, bkey, throttled = policy.limit, K[2], 0
+  if throttle ~= nil then b, bkey, throttled = throttle, K[3], 1 end
+  local outcome, retry = 0, 0
+  if exceeded > 0 then outcome = 2; retry = reset_at - now end
+  if retry < 0 then retry = 0 end
+  local cap_tokens, period_s, remaining, full_in = 0, 0, -1, 0
+  if type(b) == 'table' then
+    local level, t, cap, pms = load_bucket(bkey, b, now)
+    local need = cost * pms
+    if outcome == 0 then
+      if need > level then
+        outcome = 1
+        if need > cap then retry = pms else retry = math.ceil((need - level) / b.refill_tokens) end
+      else
+        level = level - need
+        full_in = math.ceil((cap - level) / b.refill_tokens)
+        redis.call('HSET', bkey, 'l', int(level), 't', int(t), 'p', int(pms))
+        redis.call('PEXPIRE', bkey, int(full_in + 1000))
+      end
+    end
+    cap_tokens, period_s = b.capacity, b.refill_period_s
+    remaining = math.floor(level / pms)
+    full_in = math.ceil((cap - level) / b.refill_tokens)
+  end
+
+  local fired = {}
+  if outcome == 0 then
+    local tag = {'d', 'm'}
+    for i, q in ipairs(quotas) do
+      -- One HSET of the new count (read above, in this same atomic step) and the tier.
+      used[i] = used[i] + cost
+      redis.call('HSET', q[1], 'u', int(used[i]), 'tier', tier)
+      -- Relative to the service's clock, not Redis's: the period is the service's idea. Set
+      -- when the counter is created (it lives to the period's end plus a day of grace); a
+      -- counter that exists has its expiry already, so later checks skip the write.
+      if fresh[i] then redis.call('PEXPIRE', q[1], int(q[3] - now + grace)) end
+      local s = q[2]
+      if type(s) == 'table' and s.limit > 0 then
+        for _, th in ipairs(thresholds) do
+          -- The marker is set here, in the same atomic step as the count: exactly one
+          -- request per period crosses each threshold, whatever the number of replicas.
+          if used[i] * 100 >= th * s.limit and redis.call('HSETNX', q[1], 'a' .. th, 1) == 1 then
+            fired[#fired + 1] = tag[i] .. th
+          end
         end
       end
     end
   end
-end
 
-local function lim(s) if type(s) == 'table' then return s.limit end return -1 end
-local function pol(s) if type(s) == 'table' then return POLICY_CODE[s.policy] or -1 end return -1 end
-return {outcome, tier, cap_tokens, period_s, remaining, full_in, throttled, retry,
-        used[1], lim(policy.daily), pol(policy.daily),
-        used[2], lim(policy.monthly), pol(policy.monthly),
-        table.concat(fired, ','), exceeded}
-"#;
+  return {outcome, tier, cap_tokens, period_s, remaining, full_in, throttled, retry,
+          used[1], lim(policy.daily), pol(policy.daily),
+          used[2], lim(policy.monthly), pol(policy.monthly),
+          table.concat(fired, ','), exceeded}
+end
+"#
+    };
+}
+
+/// One quota decision.
+///
+/// KEYS: 1 client override, 2 tier bucket, 3 throttle bucket, 4 day usage, 5 month usage.
+/// ARGV: 1 now (Unix ms), 2 cost, 3 request tier, 4 tier policy (JSON `Policy`),
+///       5 day end (Unix ms), 6 month end (Unix ms), 7 alert thresholds ("80,90,100"),
+///       8 usage grace (ms kept after the period ends).
+/// Returns: the reply of `check` (see [`check_fn`]).
+pub const CHECK: &str = concat!(
+    check_fn!(),
+    r#"
+return check(KEYS, tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], cjson.decode(ARGV[4]),
+             tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8]))
+"#
+);
+
+/// Many quota decisions in one call (the Redis store's batching, see `store::redis`): each
+/// is exactly [`CHECK`]'s, run one after the other inside one atomic script, so the result is
+/// the same as sending them one by one in this order. A decision that fails (a key of the
+/// wrong type, say) answers `{"E", message}` in its place without stopping the others, like a
+/// failed `CHECK` call would. Only for standalone Redis: the keys of different clients are
+/// in different Cluster slots.
+///
+/// KEYS: 5 per decision, as for [`CHECK`].
+/// ARGV: 1 usage grace (ms), 2 number of distinct tier policies P, 3..2+P the policies (JSON,
+///       each decoded once), then per decision 7 values: now, cost, request tier, policy
+///       index (1-based), day end, month end, alert thresholds.
+/// Returns: one `check` reply (or `{"E", message}`) per decision, in order.
+pub const CHECK_MANY: &str = concat!(
+    check_fn!(),
+    r#"
+local grace = tonumber(ARGV[1])
+local np = tonumber(ARGV[2])
+local policies = {}
+for i = 1, np do policies[i] = cjson.decode(ARGV[2 + i]) end
+local base = 2 + np
+local n = (#ARGV - base) / 7
+local out = {}
+for i = 1, n do
+  local a = base + (i - 1) * 7
+  local k = 5 * (i - 1)
+  local ok, r = pcall(check, {KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5]},
+                      tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), ARGV[a + 3],
+                      policies[tonumber(ARGV[a + 4])], tonumber(ARGV[a + 5]),
+                      tonumber(ARGV[a + 6]), ARGV[a + 7], grace)
+  if ok then
+    out[i] = r
+  else
+    if type(r) == 'table' then r = r.err or r.message or 'script error' end
+    out[i] = {'E', tostring(r)}
+  end
+end
+return out
+"#
+);
 
 /// A consistent read of one client's usage (script for one round trip and one snapshot).
 ///
