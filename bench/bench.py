@@ -87,13 +87,17 @@ GROUPS = [
      "ag-chain-nojwt"),
     ("Full chain: CORS + JWT + rate limit + headers", "plain",
      ["native-chain-cached", "native-chain"], "ag-chain"),
+    # Issue 12's cost: the same chain with a sliding-window limit, an exemption list the
+    # request does not match and the key-sharing table, against the token-bucket chain.
+    ("Full chain + abuse defenses (sliding window, exempt CIDRs, key sharing) vs the chain",
+     "plain", ["ag-chain"], "ag-chain-abuse"),
 ]
 
 
 # api-guard wasm case → the same config loaded as the native dynamic module.
 MODULE_OF = {ag: "mod" + ag[2:] for ag in (
     "ag-headers", "ag-cors-preflight", "ag-cors", "ag-jwt", "ag-jwt-cold", "ag-ratelimit",
-    "ag-webhook", "ag-quota", "ag-chain-nojwt", "ag-chain")}
+    "ag-webhook", "ag-quota", "ag-chain-nojwt", "ag-chain", "ag-chain-abuse")}
 
 
 def group_ags(ag):
@@ -448,6 +452,13 @@ def envoys(keys, upstream_port, quota_port):
                         "auth": {"mode": "none"}, "webhook": "github"}],
             "default_route": {}})]),
         "ag-chain": lambda wrap: B([wrap(chain_ag)]),
+        "ag-chain-abuse": lambda wrap: B([wrap(dict(
+            chain_ag,
+            rate_limits={"per-client": {
+                "key": ["client"], "algorithm": "sliding_window",
+                "limit": BIG_BUCKET["capacity"], "window_s": 60,
+                "exempt": {"cidrs": ["10.0.0.0/8", "172.16.0.0/12", "2001:db8::/32"]}}},
+            abuse={"key_sharing": {"max_distinct_ips": 20}}))]),
         "ag-quota": lambda wrap: bootstrap([wrap({
             "quota": {"cluster": "quota", "timeout_ms": 200, "failure_mode": "deny"},
             "default_route": {"quota": True}})],
@@ -515,6 +526,8 @@ def cases(keys):
              "native-chain-cached", get, chain_probes + [(get, 200, ["x-ratelimit-limit"], [])]),
         Case("ag-chain", "api-guard chain", "api-guard", "ag-chain", get,
              chain_probes + [(get, 200, ["ratelimit-policy"], [])]),
+        Case("ag-chain-abuse", "api-guard chain + abuse defenses", "api-guard",
+             "ag-chain-abuse", get, chain_probes + [(get, 200, ["ratelimit-policy"], [])]),
         # failure_mode deny: a 200 proves the callout answered (else 503).
         Case("ag-quota", "api-guard + quota callout", "api-guard", "ag-quota", get,
              [(get, 200, ["x-frame-options", "x-ratelimit-limit"], [])]),
