@@ -288,6 +288,15 @@ pub fn stage(cfg: &Config, _req: &Request, ex: &mut Exchange, env: &Env) -> Step
             reset_at,
             headers,
         })) => {
+            if lease {
+                // Refused while a background refresh won the last units for this Envoy:
+                // they were granted, so the request spends one of them and goes on.
+                if let Take::Taken { headers } = quota_lease::take(env.store, who, cost, env.now_ms)
+                {
+                    merge_headers(&mut ex.response_headers, headers);
+                    return Step::Next;
+                }
+            }
             // The service's rate-limit headers replace the local limit's set only when its
             // bucket is the tighter one, as on an allowed request: a reply never mixes two
             // limits' headers.

@@ -27,9 +27,9 @@ pub const TTL_MS: u64 = 5_000;
 /// The filter sizes leases to last about this long at the client's recent rate.
 pub const TARGET_MS: u64 = 2_000;
 /// A rate is measured over at least this long.
-const RATE_WINDOW_MS: u64 = 500;
+const RATE_WINDOW_MS: u64 = 200;
 /// The first lease of a client with no measured rate: this many requests.
-const FIRST_WANT: u64 = 16;
+const FIRST_WANT: u64 = 32;
 /// Largest `want` asked for (the service caps it too).
 const MAX_WANT: u64 = 10_000;
 /// After a refresh is queued, no other is queued for this long unless it is answered.
@@ -48,12 +48,17 @@ fn slot_key(i: usize) -> String {
     format!("api_guard.quota.lease.{i}")
 }
 
-/// Creates the table's keys (once per process; later workers find them).
+/// Creates the table's keys (once per process; later workers find them). Never empty: the
+/// proxy-wasm SDK reads an empty value as a missing key.
 pub fn prepare(store: &dyn SharedStore) {
-    for k in (0..SLOTS).map(slot_key).chain([JOBS_KEY.to_string()]) {
+    for i in 0..SLOTS {
+        let k = slot_key(i);
         if store.get(&k).is_none() {
-            let _ = store.set(&k, b"", None);
+            let _ = store.set(&k, b"{}", None);
         }
+    }
+    if store.get(JOBS_KEY).is_none() {
+        let _ = store.set(JOBS_KEY, b"[]", None);
     }
 }
 
@@ -297,8 +302,12 @@ pub fn take(store: &dyn SharedStore, who: Owner<'_>, cost: u64, now: u64) -> Tak
         // The lease ending first pays first: fewer units are left to expire unused.
         s.l.sort_by_key(|l| l.exp);
         let Some(l) = s.l.iter_mut().find(|l| l.left >= cost) else {
-            // Nothing usable: the request waits for a lease; keep what was cleaned up.
+            // Nothing usable: the request waits for a lease. Running dry while holding a
+            // slot means the leases were too small for the rate: ask for twice as much.
             let want = want_of(&s, cost);
+            if s.used_at > 0 {
+                s.want = want.saturating_mul(2).min(MAX_WANT);
+            }
             s.hold = now.saturating_add(REFRESH_HOLD_MS);
             match write(store, i, &s, cas) {
                 Ok(()) => {
@@ -395,7 +404,13 @@ pub fn install(
         }
         match write(store, i, &s, cas) {
             Ok(()) => {
-                held = s.l.iter().any(|l| l.id == grant.id);
+                // Held, or already queued for release by the trim above: either way it
+                // must not be released again below (a double release would give back
+                // units that were spent).
+                held = s.l.iter().any(|l| l.id == grant.id)
+                    || jobs
+                        .iter()
+                        .any(|j| matches!(j, Job::Release { id, .. } if *id == grant.id));
                 out = headers(answer_headers, s.left());
                 queued = jobs;
                 break;
@@ -593,7 +608,7 @@ mod tests {
     #[test]
     fn no_lease_means_wait_then_units_are_spent_exactly() {
         let s = store();
-        assert_eq!(take(&s, WHO, 1, 100), Take::Need { want: 16 });
+        assert_eq!(take(&s, WHO, 1, 100), Take::Need { want: 32 });
         let h = install(&s, WHO, &grant("a", 5, 5_000), 1, &hdr(), 100);
         assert!(
             h.contains(&("x-quota-remaining".into(), "94".into())),
@@ -687,6 +702,23 @@ mod tests {
             n += 1;
         }
         assert_eq!(n, 17);
+    }
+
+    #[test]
+    fn a_new_lease_dropped_at_once_is_released_once() {
+        let s = store();
+        install(&s, WHO, &grant("a", 10, 5_000), 0, &hdr(), 0);
+        install(&s, WHO, &grant("b", 10, 5_000), 0, &hdr(), 0);
+        // "c" has the fewest units left after its request's cost: it goes back, once.
+        install(&s, WHO, &grant("c", 4, 5_000), 1, &hdr(), 0);
+        assert_eq!(
+            take_jobs(&s),
+            vec![Job::Release {
+                client: "acme".into(),
+                id: "c".into(),
+                units: 3
+            }]
+        );
     }
 
     #[test]

@@ -483,7 +483,8 @@ fn rules_and_dashboard_use_only_metrics_envoy_and_the_quota_service_expose() {
             "probe": {"key": ["ip"], "capacity": 1, "refill_tokens": 1, "refill_period_s": 3600, "shadow": true}
         },
         "webhooks": {"gh": {"scheme": "github", "secrets": ["ops-test-secret"]}},
-        "quota": {"cluster": "quota", "timeout_ms": 500, "failure_mode": "allow"},
+        "quota": {"cluster": "quota", "timeout_ms": 500, "failure_mode": "allow",
+                  "mode": "check"},
         "routes": [
             {"name": "limited", "match": {"prefix": "/limited"}, "auth": {"mode": "none"},
              "rate_limits": ["per-ip", "probe"]},
@@ -730,7 +731,7 @@ fn check_explain_prints_each_route_checks_in_spec_order() {
         "tier anonymous: 15 tokens, refill 10 per 60 s",
         "tier internal: unlimited",
         "any other tier: 100 tokens, refill 60 per 60 s",
-        "POST /v1/check to cluster quota (authority quota), cost 1, timeout 100 ms",
+        "POST /v1/lease to cluster quota (authority quota), cost 1, timeout 100 ms",
         "failure_mode allow",
     ] {
         assert!(orders.contains(want), "no `{want}` in\n{orders}");

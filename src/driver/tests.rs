@@ -239,7 +239,7 @@ fn in_lease_mode_one_callout_serves_many_requests_and_the_next_lease_comes_in_th
     let body: Value = serde_json::from_slice(call.body.as_deref().unwrap()).unwrap();
     assert_eq!(
         (body["cost"].as_u64(), body["want"].as_u64()),
-        (Some(1), Some(16))
+        (Some(1), Some(32))
     );
     let g = grant(&h, "L1", 4);
     d.on_callout_done(&mut h, call.token, Some(&g));
