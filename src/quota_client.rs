@@ -220,7 +220,7 @@ pub fn check_lease_answer(cfg: &Config, a: &Answer, cost: u64) -> Result<(), Str
 /// The quota stage: asks the service (via the glue) and applies its answer. In lease mode
 /// it first spends units of a lease this Envoy holds (`quota_lease`), and asks only when
 /// there is none.
-pub fn stage(cfg: &Config, _req: &Request, ex: &mut Exchange, env: &Env) -> Step {
+pub fn stage(cfg: &Config, req: &Request, ex: &mut Exchange, env: &Env) -> Step {
     let Some(qc) = cfg.raw.quota.as_ref() else {
         return Step::Next;
     };
@@ -270,11 +270,20 @@ pub fn stage(cfg: &Config, _req: &Request, ex: &mut Exchange, env: &Env) -> Step
             headers,
             lease: Some(g),
             ..
-        })) if lease => {
+        })) if lease && g.granted >= cost => {
             // This request spends `cost` of the grant; the rest is held for the next ones.
             let headers = quota_lease::install(env.store, who, &g, cost, &headers, env.now_ms);
             merge_headers(&mut ex.response_headers, headers);
             Step::Next
+        }
+        Some(QuotaOutcome::Answered(a @ Answer::Allow { .. })) if lease => {
+            // No usable lease in the answer (the driver already turns this into a failure):
+            // never admit without granted units.
+            let why = check_lease_answer(cfg, &a, cost)
+                .err()
+                .unwrap_or_else(|| "lease answer unusable".into());
+            ex.quota = Some(QuotaOutcome::Failed(why));
+            stage(cfg, req, ex, env)
         }
         Some(QuotaOutcome::Answered(Answer::Allow { headers, .. })) => {
             merge_headers(&mut ex.response_headers, headers);
@@ -762,6 +771,28 @@ x: y"}"#
                 }
                 (Verdict::Forward(_), false) => {}
                 (v, _) => panic!("{mode}: {v:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn in_lease_mode_an_answer_without_a_usable_lease_never_admits() {
+        let json = r#"{"quota":{"cluster":"quota","failure_mode":"deny"},
+            "routes":[{"name":"orders","match":{"prefix":"/api"},"quota":true,"cost":3}]}"#;
+        let c = crate::config::parse(json.as_bytes(), &|_| None).unwrap().0;
+        for answer in [
+            &br#"{"allowed":true,"headers":{}}"#[..],
+            br#"{"allowed":true,"granted":2,"lease_id":"L","expires_at_ms":99999999}"#,
+        ] {
+            let mut ex = Exchange::default();
+            match run_once(&c, "/api", &mut ex) {
+                Verdict::Wait(Wait::Quota(call)) => assert_eq!(call.path, "/v1/lease"),
+                v => panic!("{v:?}"),
+            }
+            ex.quota = Some(QuotaOutcome::Answered(parse_answer(200, answer).unwrap()));
+            match run_once(&c, "/api", &mut ex) {
+                Verdict::Reply(r) => assert_eq!(r.code, ErrorCode::QuotaUnavailable),
+                v => panic!("admitted without a lease: {v:?}"),
             }
         }
     }
