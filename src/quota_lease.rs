@@ -448,11 +448,6 @@ pub fn hold(store: &dyn SharedStore, slot: usize, client: &str, tier: &str, unti
     }
 }
 
-/// The client's slot index, if it has one (for a refresh's answer).
-pub fn slot_owner_matches(store: &dyn SharedStore, slot: usize, client: &str, tier: &str) -> bool {
-    read(store, slot % SLOTS).is_some_and(|(s, _)| s.o == format!("{client}\n{tier}"))
-}
-
 fn push_jobs(store: &dyn SharedStore, jobs: Vec<Job>) {
     if jobs.is_empty() {
         return;
