@@ -220,7 +220,7 @@ pub fn check_lease_answer(cfg: &Config, a: &Answer, cost: u64) -> Result<(), Str
 /// The quota stage: asks the service (via the glue) and applies its answer. In lease mode
 /// it first spends units of a lease this Envoy holds (`quota_lease`), and asks only when
 /// there is none.
-pub fn stage(cfg: &Config, req: &Request, ex: &mut Exchange, env: &Env) -> Step {
+pub fn stage(cfg: &Config, _req: &Request, ex: &mut Exchange, env: &Env) -> Step {
     let Some(qc) = cfg.raw.quota.as_ref() else {
         return Step::Next;
     };
@@ -282,8 +282,7 @@ pub fn stage(cfg: &Config, req: &Request, ex: &mut Exchange, env: &Env) -> Step 
             let why = check_lease_answer(cfg, &a, cost)
                 .err()
                 .unwrap_or_else(|| "lease answer unusable".into());
-            ex.quota = Some(QuotaOutcome::Failed(why));
-            stage(cfg, req, ex, env)
+            failure(qc, &why)
         }
         Some(QuotaOutcome::Answered(Answer::Allow { headers, .. })) => {
             merge_headers(&mut ex.response_headers, headers);
@@ -322,19 +321,22 @@ pub fn stage(cfg: &Config, req: &Request, ex: &mut Exchange, env: &Env) -> Step 
             }
             Step::Reply(r)
         }
-        Some(QuotaOutcome::Failed(why)) => {
-            if qc.failure_mode == "deny" {
-                Step::Reply(
-                    LocalReply::new(
-                        ErrorCode::QuotaUnavailable,
-                        "the quota service is unavailable; try again later",
-                    )
-                    .with_policy(format!("quota: {why}")),
-                )
-            } else {
-                Step::Next
-            }
-        }
+        Some(QuotaOutcome::Failed(why)) => failure(qc, &why),
+    }
+}
+
+/// `failure_mode`: the service failed or answered something unusable.
+fn failure(qc: &crate::config::QuotaConfig, why: &str) -> Step {
+    if qc.failure_mode == "deny" {
+        Step::Reply(
+            LocalReply::new(
+                ErrorCode::QuotaUnavailable,
+                "the quota service is unavailable; try again later",
+            )
+            .with_policy(format!("quota: {why}")),
+        )
+    } else {
+        Step::Next
     }
 }
 
