@@ -376,6 +376,23 @@ fn a_steady_client_makes_few_callouts_in_lease_mode_and_one_per_request_in_check
     assert!(remaining <= 1_000_000 - n, "{remaining}");
     assert!(remaining >= 1_000_000 - n - 1_000, "{remaining}");
     assert_eq!(last.header("x-quota-limit"), Some("1000000"));
+    // The units still held come back when the lease expires (released by the timer): the
+    // service then counts exactly what was spent.
+    let held = quota.used_today("127.0.0.1");
+    assert!(held >= n, "{held} < {n}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while quota.used_today("127.0.0.1") != n {
+        assert!(
+            Instant::now() < deadline,
+            "used {} for {n} admitted (held {held})",
+            quota.used_today("127.0.0.1")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "lease mode: {} units held after the load, given back",
+        held - n
+    );
     drop(envoy);
 
     let cfg = filter_config("deny", 1000, json!({}));
