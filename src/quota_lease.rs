@@ -777,6 +777,19 @@ mod tests {
         assert_eq!(spent, 50);
     }
 
+    /// `cargo test --release --lib quota_lease::tests::take_cost -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn take_cost() {
+        let s = store();
+        install(&s, WHO, &grant("a", 1_000_000, u64::MAX), 0, &hdr(), 0);
+        let t = std::time::Instant::now();
+        for i in 0..100_000 {
+            assert!(matches!(take(&s, WHO, 1, 1 + i / 1000), Take::Taken { .. }));
+        }
+        eprintln!("take: {:?} per request", t.elapsed() / 100_000);
+    }
+
     #[test]
     fn want_follows_the_rate() {
         let s = store();
