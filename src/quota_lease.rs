@@ -24,6 +24,8 @@ pub const SLOTS: usize = 1024;
 pub const MAX_HELD: usize = 2;
 /// The lease life the filter asks for.
 pub const TTL_MS: u64 = 5_000;
+/// The longest a lease is held, whatever an answer says (the service's own maximum).
+pub const MAX_LIFE_MS: u64 = 60_000;
 /// The filter sizes leases to last about this long at the client's recent rate.
 pub const TARGET_MS: u64 = 2_000;
 /// A rate is measured over at least this long.
@@ -379,7 +381,8 @@ pub fn install(
             s.l.push(Held {
                 id: grant.id.clone(),
                 left,
-                exp: grant.expires_at_ms,
+                // Whatever the answer says, never held longer than the service's own limit.
+                exp: grant.expires_at_ms.min(now.saturating_add(MAX_LIFE_MS)),
             });
             // Over the limit: the lease with the fewest units left goes back.
             while s.l.len() > MAX_HELD {
@@ -697,6 +700,20 @@ mod tests {
             n += 1;
         }
         assert_eq!(n, 17);
+    }
+
+    #[test]
+    fn a_lease_is_never_held_past_the_longest_life() {
+        let s = store();
+        install(&s, WHO, &grant("far", 5, u64::MAX), 0, &hdr(), 1_000);
+        assert!(matches!(
+            take(&s, WHO, 1, 1_000 + MAX_LIFE_MS - 1),
+            Take::Taken { .. }
+        ));
+        assert!(matches!(
+            take(&s, WHO, 1, 1_000 + MAX_LIFE_MS),
+            Take::Need { .. }
+        ));
     }
 
     #[test]
