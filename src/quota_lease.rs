@@ -65,7 +65,7 @@ pub fn prepare(store: &dyn SharedStore) {
 }
 
 /// One lease held by this Envoy.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Held {
     pub id: String,
     pub left: u64,
@@ -73,29 +73,20 @@ pub struct Held {
 }
 
 /// One slot: a client+tier's leases and what is needed to ask for the next one.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Slot {
-    /// Owner: `client \n tier`; empty = free.
-    #[serde(default)]
+    /// Owner: [`owner_key`]; empty = free.
     o: String,
-    #[serde(default)]
     route: String,
-    #[serde(default)]
     cost: u64,
-    #[serde(default)]
     l: Vec<Held>,
     /// No refresh is queued before this time (one is in flight, or the service said no).
-    #[serde(default)]
     hold: u64,
-    #[serde(default)]
     want: u64,
-    #[serde(default)]
     used_at: u64,
     /// Rate window: start (ms) and units spent since.
-    #[serde(default)]
     win: (u64, u64),
     /// The service's headers from its last lease answer (units outside this Envoy's leases).
-    #[serde(default)]
     h: Vec<(String, String)>,
 }
 
@@ -144,8 +135,14 @@ pub struct Owner<'a> {
 
 impl Owner<'_> {
     fn key(&self) -> String {
-        format!("{}\n{}", self.client, self.tier)
+        owner_key(self.client, self.tier)
     }
+}
+
+/// `<client length>:<client><tier>`: one key per (client, tier) pair, whatever bytes they
+/// hold (a separator could be forged by an identity containing it).
+fn owner_key(client: &str, tier: &str) -> String {
+    format!("{}:{client}{tier}", client.len())
 }
 
 fn fnv(s: &str) -> usize {
@@ -168,16 +165,124 @@ fn read(store: &dyn SharedStore, i: usize) -> Option<(Slot, u32)> {
         return Some((Slot::default(), cas));
     }
     // An unreadable slot (another build's format) is treated as free.
-    Some((serde_json::from_slice(&bytes).unwrap_or_default(), cas))
+    Some((decode(&bytes).unwrap_or_default(), cas))
 }
 
 fn write(store: &dyn SharedStore, i: usize, s: &Slot, cas: u32) -> Result<(), StoreError> {
-    let bytes = serde_json::to_vec(s).map_err(|_| StoreError::Failed)?;
+    let bytes = encode(s);
     // A key that was never created has version 0; writing it would not be a CAS.
     if cas == 0 {
         return Err(StoreError::Failed);
     }
     store.set(&slot_key(i), &bytes, Some(cas))
+}
+
+/// A slot as compact text (it is read and written on every request, so no JSON):
+/// `v1|owner|route|cost|hold|want|used_at|win0|win1|id,left,exp;...|name,value;...`.
+/// Strings are escaped (`%XX` for `%`, `|`, `,`, `;` and control bytes), so no client id,
+/// route or header can forge a field.
+fn encode(s: &Slot) -> Vec<u8> {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(128);
+    let esc = |out: &mut String, v: &str| {
+        for c in v.chars() {
+            if matches!(c, '%' | '|' | ',' | ';') || c.is_control() && (c as u32) < 0x80 {
+                let _ = write!(out, "%{:02X}", c as u32);
+            } else {
+                out.push(c);
+            }
+        }
+    };
+    out.push_str("v1|");
+    esc(&mut out, &s.o);
+    out.push('|');
+    esc(&mut out, &s.route);
+    let _ = write!(
+        out,
+        "|{}|{}|{}|{}|{}|{}|",
+        s.cost, s.hold, s.want, s.used_at, s.win.0, s.win.1
+    );
+    for (i, l) in s.l.iter().enumerate() {
+        if i > 0 {
+            out.push(';');
+        }
+        esc(&mut out, &l.id);
+        let _ = write!(out, ",{},{}", l.left, l.exp);
+    }
+    out.push('|');
+    for (i, (k, v)) in s.h.iter().enumerate() {
+        if i > 0 {
+            out.push(';');
+        }
+        esc(&mut out, k);
+        out.push(',');
+        esc(&mut out, v);
+    }
+    out.into_bytes()
+}
+
+fn unescape(v: &str) -> Option<String> {
+    if !v.contains('%') {
+        return Some(v.to_string());
+    }
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Reads [`encode`]'s text; `None` for anything else (the caller treats the slot as free).
+fn decode(bytes: &[u8]) -> Option<Slot> {
+    if bytes.is_empty() || bytes == b"{}" {
+        return Some(Slot::default());
+    }
+    let text = std::str::from_utf8(bytes).ok()?;
+    let f: Vec<&str> = text.split('|').collect();
+    let [v, o, route, cost, hold, want, used_at, w0, w1, leases, headers] = f.as_slice() else {
+        return None;
+    };
+    if *v != "v1" {
+        return None;
+    }
+    let mut l = Vec::new();
+    for item in leases.split(';').filter(|x| !x.is_empty()) {
+        let mut p = item.split(',');
+        let (id, left, exp) = (p.next()?, p.next()?, p.next()?);
+        if p.next().is_some() {
+            return None;
+        }
+        l.push(Held {
+            id: unescape(id)?,
+            left: left.parse().ok()?,
+            exp: exp.parse().ok()?,
+        });
+    }
+    let mut h = Vec::new();
+    for item in headers.split(';').filter(|x| !x.is_empty()) {
+        let (k, v) = item.split_once(',')?;
+        h.push((unescape(k)?, unescape(v)?));
+    }
+    Some(Slot {
+        o: unescape(o)?,
+        route: unescape(route)?,
+        cost: cost.parse().ok()?,
+        l,
+        hold: hold.parse().ok()?,
+        want: want.parse().ok()?,
+        used_at: used_at.parse().ok()?,
+        win: (w0.parse().ok()?, w1.parse().ok()?),
+        h,
+    })
 }
 
 /// Removes expired leases (their units become release jobs) and empty ones.
@@ -198,7 +303,9 @@ fn expire(s: &mut Slot, client: &str, now: u64, jobs: &mut Vec<Job>) {
 }
 
 fn owner_client(o: &str) -> &str {
-    o.split('\n').next().unwrap_or("")
+    o.split_once(':')
+        .and_then(|(n, rest)| rest.get(..n.parse::<usize>().ok()?))
+        .unwrap_or("")
 }
 
 /// A slot another client may take: nobody's, or no live lease, nothing in flight, idle.
@@ -435,7 +542,7 @@ pub fn install(
 
 /// The service refused or failed a background refresh: no new one before `until`.
 pub fn hold(store: &dyn SharedStore, slot: usize, client: &str, tier: &str, until: u64) {
-    let owner = format!("{client}\n{tier}");
+    let owner = owner_key(client, tier);
     for _ in 0..CAS_TRIES {
         let Some((mut s, cas)) = read(store, slot % SLOTS) else {
             return;
@@ -703,6 +810,60 @@ mod tests {
     }
 
     #[test]
+    fn slots_round_trip_and_no_string_forges_a_field() {
+        let hostile = "a|b,c;d%e\n\u{1e}\u{7f}é|9,9,9";
+        let s = Slot {
+            o: owner_key(hostile, "pro"),
+            route: hostile.into(),
+            cost: 3,
+            l: vec![
+                Held {
+                    id: hostile.into(),
+                    left: 7,
+                    exp: u64::MAX,
+                },
+                Held {
+                    id: "b".into(),
+                    left: 0,
+                    exp: 1,
+                },
+            ],
+            hold: 4,
+            want: 5,
+            used_at: 6,
+            win: (7, 8),
+            h: vec![
+                (hostile.into(), "\"q\";r=1;t=2".into()),
+                ("x".into(), "".into()),
+            ],
+        };
+        assert_eq!(decode(&encode(&s)), Some(s));
+        assert_eq!(decode(&encode(&Slot::default())), Some(Slot::default()));
+        assert_eq!(decode(b"{}"), Some(Slot::default()));
+        for bad in [
+            &b"v2|||0|0|0|0|0|0||"[..],
+            b"v1|||0|0|0|0|0|0|",
+            b"v1|||x|0|0|0|0|0||",
+            b"v1|||0|0|0|0|0|0|a,1|",
+            b"v1|||0|0|0|0|0|0|a,1,2,3|",
+            b"v1|%G1||0|0|0|0|0|0||",
+            b"v1|%|0|0|0|0|0|0|0||",
+            b"\xff",
+        ] {
+            assert_eq!(decode(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn owners_are_unambiguous() {
+        assert_ne!(owner_key("a\nb", "c"), owner_key("a", "b\nc"));
+        assert_ne!(owner_key("a1", "2"), owner_key("a", "12"));
+        assert_eq!(owner_client(&owner_key("a:b\n", "pro")), "a:b\n");
+        assert_eq!(owner_client("junk"), "");
+        assert_eq!(owner_client("99:x"), "");
+    }
+
+    #[test]
     fn a_lease_is_never_held_past_the_longest_life() {
         let s = store();
         install(&s, WHO, &grant("far", 5, u64::MAX), 0, &hdr(), 1_000);
@@ -740,7 +901,7 @@ mod tests {
         for (n, i) in candidates(&WHO.key()).into_iter().enumerate() {
             let (_, cas) = read(&s, i).unwrap();
             let squatter = Slot {
-                o: format!("other{n}\npro"),
+                o: owner_key(&format!("other{n}"), "pro"),
                 l: vec![Held {
                     id: format!("o{n}"),
                     left: 5,
