@@ -749,7 +749,7 @@ fn check_explain_prints_each_route_checks_in_spec_order() {
         .find(|b| b.contains("\"github-hook\""))
         .unwrap();
     assert!(
-        hook.contains("10. webhook body check: github: scheme github"),
+        hook.contains("11. webhook body check: github: scheme github"),
         "{hook}"
     );
     assert!(
