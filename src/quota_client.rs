@@ -321,7 +321,17 @@ pub fn stage(cfg: &Config, _req: &Request, ex: &mut Exchange, env: &Env) -> Step
             }
             Step::Reply(r)
         }
-        Some(QuotaOutcome::Failed(why)) => failure(qc, &why),
+        Some(QuotaOutcome::Failed(why)) => {
+            if lease {
+                // A background refresh may have landed while this request waited.
+                if let Take::Taken { headers } = quota_lease::take(env.store, who, cost, env.now_ms)
+                {
+                    merge_headers(&mut ex.response_headers, headers);
+                    return Step::Next;
+                }
+            }
+            failure(qc, &why)
+        }
     }
 }
 

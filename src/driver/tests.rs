@@ -295,6 +295,31 @@ fn with_the_service_down_a_held_lease_is_used_up_then_failure_mode_applies() {
 }
 
 #[test]
+fn a_failed_lease_call_spends_a_lease_that_landed_meanwhile() {
+    let mut h = FakeHost::new();
+    let w = worker(lease_config("deny"), &mut h);
+    let mut d = leased(&mut h, &w).expect("waits");
+    // A background refresh is installed while this request waits for its own call.
+    let who = crate::quota_lease::Owner {
+        client: "10.0.0.1",
+        tier: "anonymous",
+        route: "orders",
+    };
+    let g = crate::quota_lease::Grant {
+        id: "bg".into(),
+        granted: 2,
+        expires_at_ms: h.now.get() + 5000,
+    };
+    crate::quota_lease::install(&*h.store, who, &g, 0, &[], h.now.get());
+    let token = h.callouts[0].token;
+    d.on_callout_done(&mut h, token, None);
+    assert!(h.sent.is_none(), "not 503: a granted unit was held");
+    assert_eq!(h.resumed, 1);
+    assert!(leased(&mut h, &w).is_none(), "the second unit");
+    assert!(leased(&mut h, &w).is_some(), "then nothing is held");
+}
+
+#[test]
 fn an_expired_lease_gives_its_units_back_through_the_timer() {
     let mut h = FakeHost::new();
     let w = worker(lease_config("allow"), &mut h);
