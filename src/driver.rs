@@ -15,7 +15,7 @@
 
 mod worker;
 
-pub use worker::{Worker, JWKS_TICK_MS};
+pub use worker::{Worker, JWKS_TICK_MS, LEASE_TICK_MS};
 
 use crate::headers::{self, DenyLog, HeaderOp};
 use crate::host::{Attribute, CalloutResponse, CalloutToken, Host, LogLevel};
@@ -347,6 +347,10 @@ impl Driver {
             }
             Some(r) => quota_client::parse_answer(r.status().unwrap_or(0), &r.body()),
         };
+        let cost = self.ex.policy(&self.worker.config).map_or(1, |p| p.cost);
+        let outcome = outcome.and_then(|a| {
+            quota_client::check_lease_answer(&self.worker.config, &a, cost).map(|()| a)
+        });
         self.worker
             .breaker
             .borrow_mut()

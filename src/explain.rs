@@ -535,8 +535,14 @@ fn quota(raw: &RawConfig, p: &Policy) -> String {
     } else {
         "allow: the request goes on"
     };
+    let call = if q.mode == "lease" {
+        "units from a lease held by this Envoy (refreshed in the background); without one, \
+         POST /v1/lease"
+    } else {
+        "POST /v1/check"
+    };
     format!(
-        "POST /v1/check to cluster {} (authority {}), cost {}, timeout {} ms; its answer may \
+        "{call} to cluster {} (authority {}), cost {}, timeout {} ms; its answer may \
          be 429 rate_limit_exceeded or 402 quota_exceeded\non timeout, error or open breaker: \
          failure_mode {failure}; breaker opens after {} failures in a row per worker, for {} ms",
         q.cluster,
@@ -731,7 +737,8 @@ mod tests {
         );
         assert!(
             orders[9].1.starts_with(
-                "POST /v1/check to cluster quota (authority quota), cost 3, timeout 80 ms"
+                "units from a lease held by this Envoy (refreshed in the background); without \
+                 one, POST /v1/lease to cluster quota (authority quota), cost 3, timeout 80 ms"
             ),
             "{}",
             orders[9].1

@@ -16,6 +16,7 @@ pub mod hygiene;
 pub mod identity;
 pub mod pipeline;
 pub mod quota_client;
+pub mod quota_lease;
 pub mod ratelimit;
 pub mod reply;
 pub mod routes;

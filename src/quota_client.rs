@@ -8,6 +8,7 @@
 
 use crate::config::{BreakerConfig, Config};
 use crate::pipeline::{Env, Exchange, Request, Step, Wait};
+use crate::quota_lease::{self, Grant, Owner, Take};
 use crate::reply::{ErrorCode, LocalReply};
 use serde::Deserialize;
 
@@ -19,6 +20,8 @@ const MAX_ANSWER_HEADERS: usize = 16;
 /// The callout the glue performs for the quota stage.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QuotaCall {
+    /// `/v1/check`, or `/v1/lease` in lease mode.
+    pub path: &'static str,
     pub cluster: String,
     pub authority: String,
     pub body: Vec<u8>,
@@ -30,7 +33,7 @@ impl QuotaCall {
     pub fn headers(&self) -> [(&str, &str); 4] {
         [
             (":method", "POST"),
-            (":path", "/v1/check"),
+            (":path", self.path),
             (":authority", self.authority.as_str()),
             ("content-type", "application/json"),
         ]
@@ -51,6 +54,8 @@ pub enum Answer {
     Allow {
         remaining: Option<u64>,
         headers: Vec<(String, String)>,
+        /// The lease granted (`/v1/lease` answers only).
+        lease: Option<Grant>,
     },
     Deny {
         status: u32,
@@ -73,6 +78,9 @@ struct RawAnswer {
     remaining: Option<u64>,
     #[serde(default)]
     headers: serde_json::Map<String, serde_json::Value>,
+    granted: Option<u64>,
+    lease_id: Option<String>,
+    expires_at_ms: Option<u64>,
 }
 
 /// Whether a header named in an answer may reach the client's response: only what the
@@ -120,9 +128,27 @@ pub fn parse_answer(status: u32, body: &[u8]) -> Result<Answer, String> {
         .take(MAX_ANSWER_HEADERS)
         .collect();
     if raw.allowed {
+        let lease = match (raw.granted, raw.lease_id, raw.expires_at_ms) {
+            (Some(granted), Some(id), Some(expires_at_ms)) => {
+                if id.is_empty()
+                    || id.len() > 128
+                    || !id.bytes().all(|b| (0x21..0x7f).contains(&b) && b != b'"')
+                {
+                    return Err("quota lease answer with an unusable lease_id".into());
+                }
+                Some(Grant {
+                    id,
+                    granted,
+                    expires_at_ms,
+                })
+            }
+            (None, None, None) => None,
+            _ => return Err("quota lease answer with a partial lease".into()),
+        };
         return Ok(Answer::Allow {
             remaining: raw.remaining,
             headers,
+            lease,
         });
     }
     let (status, code) = match (raw.status, raw.error.as_deref()) {
@@ -169,31 +195,94 @@ pub fn check_body(client: &str, tier: &str, route: &str, cost: u64) -> Vec<u8> {
     .unwrap_or_default()
 }
 
-/// The quota stage: asks the service (via the glue) and applies its answer.
-pub fn stage(cfg: &Config, _req: &Request, ex: &mut Exchange, _env: &Env) -> Step {
+/// Whether `quota.mode` is `lease` (the default).
+pub fn lease_mode(cfg: &Config) -> bool {
+    cfg.raw.quota.as_ref().is_some_and(|q| q.mode == "lease")
+}
+
+/// In lease mode an allowed answer must carry a lease of at least the request's cost.
+pub fn check_lease_answer(cfg: &Config, a: &Answer, cost: u64) -> Result<(), String> {
+    if !lease_mode(cfg) {
+        return Ok(());
+    }
+    match a {
+        Answer::Allow { lease: None, .. } => {
+            Err("quota service answered without a lease (does it serve /v1/lease?)".into())
+        }
+        Answer::Allow { lease: Some(g), .. } if g.granted < cost => Err(format!(
+            "lease of {} units is smaller than the request's cost {cost}",
+            g.granted
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The quota stage: asks the service (via the glue) and applies its answer. In lease mode
+/// it first spends units of a lease this Envoy holds (`quota_lease`), and asks only when
+/// there is none.
+pub fn stage(cfg: &Config, _req: &Request, ex: &mut Exchange, env: &Env) -> Step {
     let Some(qc) = cfg.raw.quota.as_ref() else {
         return Step::Next;
     };
     if !ex.policy(cfg).is_some_and(|p| p.quota) {
         return Step::Next;
     }
+    let lease = lease_mode(cfg);
+    let cost = ex.policy(cfg).map(|p| p.cost).unwrap_or(1);
+    let (client, tier) = match &ex.identity {
+        Some(id) => (id.client.clone(), id.tier.clone()),
+        None => (
+            ex.client_ip.clone().unwrap_or_else(|| "unknown".into()),
+            crate::identity::ANONYMOUS_TIER.to_string(),
+        ),
+    };
+    let route = ex.route_name(cfg).to_string();
+    let who = Owner {
+        client: &client,
+        tier: &tier,
+        route: &route,
+    };
     match ex.quota.take() {
         None => {
-            let (client, tier) = match &ex.identity {
-                Some(id) => (id.client.as_str(), id.tier.as_str()),
-                None => (
-                    ex.client_ip.as_deref().unwrap_or("unknown"),
-                    crate::identity::ANONYMOUS_TIER,
-                ),
+            let (path, body) = if lease && cost > 0 {
+                match quota_lease::take(env.store, who, cost, env.now_ms) {
+                    Take::Taken { headers } => {
+                        merge_headers(&mut ex.response_headers, headers);
+                        return Step::Next;
+                    }
+                    Take::Need { want } => (
+                        "/v1/lease",
+                        quota_lease::lease_body(&client, &tier, &route, cost, want),
+                    ),
+                }
+            } else {
+                ("/v1/check", check_body(&client, &tier, &route, cost))
             };
-            let cost = ex.policy(cfg).map(|p| p.cost).unwrap_or(1);
-            let body = check_body(client, tier, ex.route_name(cfg), cost);
             Step::Wait(Wait::Quota(QuotaCall {
+                path,
                 cluster: qc.cluster.clone(),
                 authority: qc.authority.clone().unwrap_or_else(|| qc.cluster.clone()),
                 body,
                 timeout_ms: qc.timeout_ms,
             }))
+        }
+        Some(QuotaOutcome::Answered(Answer::Allow {
+            headers,
+            lease: Some(g),
+            ..
+        })) if lease && g.granted >= cost => {
+            // This request spends `cost` of the grant; the rest is held for the next ones.
+            let headers = quota_lease::install(env.store, who, &g, cost, &headers, env.now_ms);
+            merge_headers(&mut ex.response_headers, headers);
+            Step::Next
+        }
+        Some(QuotaOutcome::Answered(a @ Answer::Allow { .. })) if lease => {
+            // No usable lease in the answer (the driver already turns this into a failure):
+            // never admit without granted units.
+            let why = check_lease_answer(cfg, &a, cost)
+                .err()
+                .unwrap_or_else(|| "lease answer unusable".into());
+            failure(qc, &why)
         }
         Some(QuotaOutcome::Answered(Answer::Allow { headers, .. })) => {
             merge_headers(&mut ex.response_headers, headers);
@@ -207,6 +296,15 @@ pub fn stage(cfg: &Config, _req: &Request, ex: &mut Exchange, _env: &Env) -> Ste
             reset_at,
             headers,
         })) => {
+            if lease {
+                // Refused while a background refresh won the last units for this Envoy:
+                // they were granted, so the request spends one of them and goes on.
+                if let Take::Taken { headers } = quota_lease::take(env.store, who, cost, env.now_ms)
+                {
+                    merge_headers(&mut ex.response_headers, headers);
+                    return Step::Next;
+                }
+            }
             // The service's rate-limit headers replace the local limit's set only when its
             // bucket is the tighter one, as on an allowed request: a reply never mixes two
             // limits' headers.
@@ -224,18 +322,31 @@ pub fn stage(cfg: &Config, _req: &Request, ex: &mut Exchange, _env: &Env) -> Ste
             Step::Reply(r)
         }
         Some(QuotaOutcome::Failed(why)) => {
-            if qc.failure_mode == "deny" {
-                Step::Reply(
-                    LocalReply::new(
-                        ErrorCode::QuotaUnavailable,
-                        "the quota service is unavailable; try again later",
-                    )
-                    .with_policy(format!("quota: {why}")),
-                )
-            } else {
-                Step::Next
+            if lease {
+                // A background refresh may have landed while this request waited.
+                if let Take::Taken { headers } = quota_lease::take(env.store, who, cost, env.now_ms)
+                {
+                    merge_headers(&mut ex.response_headers, headers);
+                    return Step::Next;
+                }
             }
+            failure(qc, &why)
         }
+    }
+}
+
+/// `failure_mode`: the service failed or answered something unusable.
+fn failure(qc: &crate::config::QuotaConfig, why: &str) -> Step {
+    if qc.failure_mode == "deny" {
+        Step::Reply(
+            LocalReply::new(
+                ErrorCode::QuotaUnavailable,
+                "the quota service is unavailable; try again later",
+            )
+            .with_policy(format!("quota: {why}")),
+        )
+    } else {
+        Step::Next
     }
 }
 
@@ -423,7 +534,8 @@ mod tests {
             a,
             Answer::Allow {
                 remaining: Some(4),
-                headers: vec![("x-quota-remaining".into(), "4".into())]
+                headers: vec![("x-quota-remaining".into(), "4".into())],
+                lease: None,
             }
         );
         let d = parse_answer(
@@ -572,7 +684,7 @@ x: y"}"#
 
     fn cfg(mode: &str) -> Config {
         let json = format!(
-            r#"{{"quota":{{"cluster":"quota","timeout_ms":50,"failure_mode":"{mode}"}},
+            r#"{{"quota":{{"cluster":"quota","timeout_ms":50,"failure_mode":"{mode}","mode":"check"}},
                 "routes":[{{"name":"orders","match":{{"prefix":"/api"}},"quota":true,"cost":3}},
                           {{"name":"free","match":{{"prefix":"/free"}}}}]}}"#
         );
@@ -671,6 +783,28 @@ x: y"}"#
                 }
                 (Verdict::Forward(_), false) => {}
                 (v, _) => panic!("{mode}: {v:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn in_lease_mode_an_answer_without_a_usable_lease_never_admits() {
+        let json = r#"{"quota":{"cluster":"quota","failure_mode":"deny"},
+            "routes":[{"name":"orders","match":{"prefix":"/api"},"quota":true,"cost":3}]}"#;
+        let c = crate::config::parse(json.as_bytes(), &|_| None).unwrap().0;
+        for answer in [
+            &br#"{"allowed":true,"headers":{}}"#[..],
+            br#"{"allowed":true,"granted":2,"lease_id":"L","expires_at_ms":99999999}"#,
+        ] {
+            let mut ex = Exchange::default();
+            match run_once(&c, "/api", &mut ex) {
+                Verdict::Wait(Wait::Quota(call)) => assert_eq!(call.path, "/v1/lease"),
+                v => panic!("{v:?}"),
+            }
+            ex.quota = Some(QuotaOutcome::Answered(parse_answer(200, answer).unwrap()));
+            match run_once(&c, "/api", &mut ex) {
+                Verdict::Reply(r) => assert_eq!(r.code, ErrorCode::QuotaUnavailable),
+                v => panic!("admitted without a lease: {v:?}"),
             }
         }
     }

@@ -155,7 +155,8 @@ struct World {
 
 /// The worlds the requests run in: the base config, and the same with a `cors` section and
 /// the quota callout on some routes (two ways: credentials + exact origins + `failure_mode`
-/// deny; any origin without credentials + `failure_mode` allow).
+/// deny; any origin without credentials + `failure_mode` allow). `quota.mode` `check`: the
+/// model checks each callout and answer (lease mode: `quota_lease`, driver unit tests).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Flavor {
     Plain,
@@ -204,12 +205,13 @@ fn add_flavor(doc: &mut Value, flavor: Flavor) {
                 "allow_credentials": true, "max_age_s": 86400
             }),
             json!({"cluster": "quota", "authority": "quota.internal", "timeout_ms": 100,
-                   "failure_mode": "deny", "breaker": {"failures": 2, "open_ms": 5000}}),
+                   "failure_mode": "deny", "mode": "check",
+                   "breaker": {"failures": 2, "open_ms": 5000}}),
         ),
         Flavor::CorsAny => (
             json!({"allow_origins": ["*"], "allow_headers": ["content-type"]}),
             json!({"cluster": "quota", "timeout_ms": 50, "failure_mode": "allow",
-                   "breaker": {"failures": 3, "open_ms": 2000}}),
+                   "mode": "check", "breaker": {"failures": 3, "open_ms": 2000}}),
         ),
     };
     doc["cors"] = cors;

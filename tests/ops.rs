@@ -484,7 +484,8 @@ fn rules_and_dashboard_use_only_metrics_envoy_and_the_quota_service_expose() {
             "per-ip-loose": {"key": ["ip"], "capacity": 100, "refill_tokens": 100, "refill_period_s": 60}
         },
         "webhooks": {"gh": {"scheme": "github", "secrets": ["ops-test-secret"]}},
-        "quota": {"cluster": "quota", "timeout_ms": 500, "failure_mode": "allow"},
+        "quota": {"cluster": "quota", "timeout_ms": 500, "failure_mode": "allow",
+                  "mode": "check"},
         "routes": [
             {"name": "limited", "match": {"prefix": "/limited"}, "auth": {"mode": "none"},
              "rate_limits": ["per-ip", "probe"]},
@@ -746,7 +747,7 @@ fn check_explain_prints_each_route_checks_in_spec_order() {
         "tier anonymous: 15 tokens, refill 10 per 60 s",
         "tier internal: unlimited",
         "any other tier: 100 tokens, refill 60 per 60 s",
-        "POST /v1/check to cluster quota (authority quota), cost 1, timeout 100 ms",
+        "POST /v1/lease to cluster quota (authority quota), cost 1, timeout 100 ms",
         "failure_mode allow",
     ] {
         assert!(orders.contains(want), "no `{want}` in\n{orders}");

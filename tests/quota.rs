@@ -242,7 +242,7 @@ impl Drop for Quota {
 fn filter_config(failure_mode: &str, timeout_ms: u64, breaker: Value) -> String {
     json!({
         "quota": {"cluster": "quota", "timeout_ms": timeout_ms, "failure_mode": failure_mode,
-                  "breaker": breaker},
+                  "mode": "check", "breaker": breaker},
         "routes": [
             {"name": "orders", "match": {"prefix": "/api/orders"}, "quota": true},
             {"name": "public", "match": {"prefix": "/public"}}
@@ -255,7 +255,217 @@ fn envoy_for(quota_port: u16, cfg: &str) -> Envoy {
     Envoy::builder(cfg).cluster("quota", quota_port).start()
 }
 
+fn lease_config(failure_mode: &str) -> String {
+    json!({
+        "quota": {"cluster": "quota", "timeout_ms": 1000, "failure_mode": failure_mode,
+                  "breaker": {"failures": 1000}},
+        "routes": [{"name": "orders", "match": {"prefix": "/api/orders"}, "quota": true}]
+    })
+    .to_string()
+}
+
+/// Sends `per_thread` requests from each of `threads` threads, alternating between `ports`;
+/// returns the statuses.
+fn burst(ports: &[u16], threads: usize, per_thread: usize) -> Vec<u16> {
+    let ports = ports.to_vec();
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let ports = ports.clone();
+            std::thread::spawn(move || {
+                (0..per_thread)
+                    .map(|i| {
+                        http(ports[(t + i) % ports.len()], "GET", "/api/orders/1")
+                            .send()
+                            .status
+                    })
+                    .collect::<Vec<u16>>()
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect()
+}
+
 // ------------------------------------------------------------------ tests
+
+/// Lease mode (the default): two Envoys with two workers each, many concurrent requests. A
+/// global bucket and a hard-stop daily quota each admit exactly N, never N+1: a request is
+/// admitted only with a granted unit. Units held in one Envoy's lease are spent by its next
+/// requests, so with load continuing on both, all N are admitted.
+#[test]
+fn leases_admit_exactly_n_across_two_envoys() {
+    for (tier, n, denial) in [
+        (
+            "limit = { capacity = 40, refill_tokens = 1, refill_period_s = 3600 }",
+            40,
+            429,
+        ),
+        (
+            "limit = { capacity = 1000, refill_tokens = 1000, refill_period_s = 1 }\n\
+             daily = { limit = 30, policy = \"hard_stop\" }",
+            30,
+            402,
+        ),
+    ] {
+        // A Redis each: usage is counted even without a quota configured.
+        let redis = Redis::start();
+        let quota = Quota::start(tier, Some(&redis.url()));
+        let cfg = lease_config("deny");
+        let a = envoy_for(quota.port, &cfg);
+        let b = Envoy::builder(&cfg)
+            .cluster("quota", quota.port)
+            .upstream(a.upstream.clone())
+            .start();
+        let mut ok = 0;
+        let mut denied = 0;
+        let deadline = Instant::now() + Duration::from_secs(12);
+        while ok < n && Instant::now() < deadline {
+            for s in burst(&[a.port, b.port], 8, 6) {
+                match s {
+                    200 => ok += 1,
+                    s => {
+                        assert_eq!(s, denial);
+                        denied += 1;
+                    }
+                }
+            }
+            assert!(ok <= n, "{ok} admitted, over the global {n}");
+            // Background refreshes land, expired leases come back.
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(ok, n, "exactly N admitted ({denied} denied)");
+        assert!(denied > 0);
+        assert_eq!(a.received().len(), n, "the upstream saw exactly N");
+        // A hard stop can never count more than its limit: all N spent, none held.
+        if denial == 402 {
+            assert_eq!(quota.used_today("127.0.0.1"), n as u64);
+        }
+    }
+}
+
+/// A steady client: in lease mode at most 10 % as many callouts (Envoy's own count of
+/// requests to the quota cluster) as requests; in check mode one per request.
+#[test]
+fn a_steady_client_makes_few_callouts_in_lease_mode_and_one_per_request_in_check_mode() {
+    let quota = Quota::start(
+        "limit = { capacity = 100000, refill_tokens = 100000, refill_period_s = 1 }\n\
+         daily = { limit = 1000000, policy = \"hard_stop\" }",
+        None,
+    );
+    let envoy = envoy_for(quota.port, &lease_config("deny"));
+    let n = 400;
+    let mut last = None;
+    for _ in 0..n {
+        let r = envoy.get("/api/orders");
+        assert_eq!(r.status, 200, "{}", r.text());
+        last = Some(r);
+    }
+    let callouts = envoy.stat("cluster.quota.upstream_rq_total");
+    eprintln!("lease mode: {callouts} quota callouts for {n} requests");
+    assert!(callouts >= 1);
+    assert!(
+        callouts * 10 <= n,
+        "{callouts} callouts for {n} requests in lease mode"
+    );
+    // Headers come from the lease state: the quota counts the units this Envoy holds as
+    // the client's, so the remaining never drops below what was really spent.
+    let last = last.unwrap();
+    let remaining: u64 = last.header("x-quota-remaining").unwrap().parse().unwrap();
+    assert!(remaining <= 1_000_000 - n, "{remaining}");
+    assert!(remaining >= 1_000_000 - n - 1_000, "{remaining}");
+    assert_eq!(last.header("x-quota-limit"), Some("1000000"));
+    // The units still held come back when the lease expires (released by the timer): the
+    // service then counts exactly what was spent.
+    let held = quota.used_today("127.0.0.1");
+    assert!(held >= n, "{held} < {n}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while quota.used_today("127.0.0.1") != n {
+        assert!(
+            Instant::now() < deadline,
+            "used {} for {n} admitted (held {held})",
+            quota.used_today("127.0.0.1")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "lease mode: {} units held after the load, given back",
+        held - n
+    );
+    drop(envoy);
+
+    let cfg = filter_config("deny", 1000, json!({}));
+    let envoy = envoy_for(quota.port, &cfg);
+    for _ in 0..50 {
+        assert_eq!(envoy.get("/api/orders").status, 200);
+    }
+    assert_eq!(envoy.stat("cluster.quota.upstream_rq_total"), 50);
+}
+
+/// The service killed mid-load: held leases are spent, then `failure_mode` (deny) applies;
+/// admitted requests never exceed the limit. After a restart on Redis nothing granted is
+/// counted twice, and unused units come back once the leases expire.
+#[test]
+fn the_quota_service_killed_mid_load_never_over_admits() {
+    let redis = Redis::start();
+    let n = 60;
+    let mut quota = Quota::start(
+        "limit = { capacity = 1000, refill_tokens = 1000, refill_period_s = 1 }\n\
+         daily = { limit = 60, policy = \"hard_stop\" }",
+        Some(&redis.url()),
+    );
+    let envoy = envoy_for(quota.port, &lease_config("deny"));
+    let first = burst(&[envoy.port], 4, 5);
+    let ok1 = first.iter().filter(|&&s| s == 200).count();
+    assert!(ok1 > 0);
+    // Let background refreshes in flight finish: a kill while the service is answering one
+    // loses that lease's units (documented), which would make the final count inexact.
+    std::thread::sleep(Duration::from_millis(200));
+    quota.kill();
+    let during = burst(&[envoy.port], 8, 10);
+    let ok2 = during.iter().filter(|&&s| s == 200).count();
+    assert!(during.iter().all(|&s| s == 200 || s == 503), "{during:?}");
+    eprintln!(
+        "service killed: {ok1} admitted before, {ok2} of {} during",
+        during.len()
+    );
+    assert!(
+        during.contains(&503),
+        "once the leases are spent: failure_mode deny"
+    );
+    assert!(ok1 + ok2 <= n);
+    quota.restart();
+    let mut ok = ok1 + ok2;
+    let deadline = Instant::now() + Duration::from_secs(12);
+    while ok < n && Instant::now() < deadline {
+        ok += burst(&[envoy.port], 8, 5)
+            .iter()
+            .filter(|&&s| s == 200)
+            .count();
+        assert!(ok <= n, "{ok} over the quota of {n}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        envoy.received().len(),
+        ok,
+        "the upstream saw exactly the admitted"
+    );
+    // Units granted before the kill and never spent come back when their lease expires.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let used = quota.used_today("127.0.0.1");
+        assert!(
+            used >= ok as u64,
+            "spent units are never given back: {used} < {ok}"
+        );
+        if used == ok as u64 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "used {used}, admitted {ok}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
 
 #[test]
 fn a_global_limit_admits_exactly_n_across_two_envoys() {
@@ -464,9 +674,10 @@ fn a_dead_service_fails_fast_and_failure_mode_allow_lets_requests_through() {
         t.elapsed()
     );
     // An unknown cluster (dispatch fails at once) behaves the same.
-    let cfg = json!({"quota": {"cluster": "no-such-cluster", "failure_mode": "deny"},
+    let cfg =
+        json!({"quota": {"cluster": "no-such-cluster", "failure_mode": "deny", "mode": "check"},
                      "routes": [{"name": "o", "match": {"prefix": "/"}, "quota": true}]})
-    .to_string();
+        .to_string();
     let envoy = Envoy::start(&cfg);
     envoy.get("/x").assert_error(503, "quota_unavailable");
 }
@@ -575,7 +786,8 @@ fn rate_limit_headers_describe_the_limit_with_the_least_remaining() {
     );
     let cfg = |local_capacity: u64| {
         json!({
-            "quota": {"cluster": "quota", "timeout_ms": 1000, "failure_mode": "deny"},
+            "quota": {"cluster": "quota", "timeout_ms": 1000, "failure_mode": "deny",
+                      "mode": "check"},
             "rate_limits": {"local": {"key": ["ip"], "capacity": local_capacity,
                                       "refill_tokens": 1, "refill_period_s": 3600}},
             "routes": [{"name": "orders", "match": {"prefix": "/api/orders"},
@@ -650,7 +862,8 @@ fn api_key_clients_are_counted_per_client_under_their_tier() {
         "api_keys": {"header": "x-api-key", "keys": [
             {"id": "acme", "sha256": sha256_hex("acme-secret-key"), "tier": "pro"},
             {"id": "tiny", "sha256": sha256_hex("tiny-secret-key"), "tier": "free"}]},
-        "quota": {"cluster": "quota", "timeout_ms": 1000, "failure_mode": "deny"},
+        "quota": {"cluster": "quota", "timeout_ms": 1000, "failure_mode": "deny",
+                  "mode": "check"},
         "routes": [{"name": "orders", "match": {"prefix": "/api/orders"},
                     "auth": {"mode": "required", "methods": ["api_key"]}, "quota": true}]
     })

@@ -8,7 +8,7 @@ use crate::decision::{Decision, Outcome, QuotaReport, Which};
 use crate::metrics::{DecisionOutcome, Metrics, StoreOp};
 use crate::periods::{rfc3339, PeriodKind, Periods};
 use crate::policy::{validate_name, Bucket, OveragePolicy, Override, Quota, Setting};
-use crate::store::{CheckArgs, ClientRecord, Store, StoreError, Webhook};
+use crate::store::{CheckArgs, ClientRecord, ReleaseArgs, Store, StoreError, Webhook};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -53,6 +53,8 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/check", post(check))
+        .route("/v1/lease", post(lease))
+        .route("/v1/lease/release", post(release))
         .route(
             "/v1/clients/{id}",
             put(put_client).get(get_client).delete(delete_client),
@@ -366,23 +368,7 @@ async fn check(
         }
     };
     s.metrics.decision(outcome_label(&d));
-    for a in &d.alerts {
-        let (kind, q) = match a.which {
-            Which::Daily => (PeriodKind::Daily, &d.daily),
-            Which::Monthly => (PeriodKind::Monthly, &d.monthly),
-        };
-        let p = periods.get(kind);
-        s.alerts.enqueue(Alert {
-            client: req.client.clone(),
-            tier: d.tier.clone(),
-            quota: kind,
-            threshold: a.threshold,
-            used: q.used,
-            limit: q.limit.unwrap_or(0),
-            period_start_ms: p.start_ms,
-            period_end_ms: p.end_ms,
-        });
-    }
+    enqueue_alerts(&s, &req.client, &d, &periods);
     if d.outcome != Outcome::Allowed {
         // Debug, not info: a client hammering a spent quota must not flood the logs; the
         // decisions counter shows denials at any level.
@@ -392,6 +378,203 @@ async fn check(
         );
     }
     Ok(Json(build_response(&d, &periods, now)).into_response())
+}
+
+fn enqueue_alerts(s: &AppState, client: &str, d: &Decision, periods: &Periods) {
+    for a in &d.alerts {
+        let (kind, q) = match a.which {
+            Which::Daily => (PeriodKind::Daily, &d.daily),
+            Which::Monthly => (PeriodKind::Monthly, &d.monthly),
+        };
+        let p = periods.get(kind);
+        s.alerts.enqueue(Alert {
+            client: client.to_string(),
+            tier: d.tier.clone(),
+            quota: kind,
+            threshold: a.threshold,
+            used: q.used,
+            limit: q.limit.unwrap_or(0),
+            period_start_ms: p.start_ms,
+            period_end_ms: p.end_ms,
+        });
+    }
+}
+
+fn periods_at(now: u64) -> Result<Periods, ApiError> {
+    Periods::at(now).map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "clock_error",
+            e.to_string(),
+        )
+    })
+}
+
+// ---------------------------------------------------------------- /v1/lease
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LeaseRequest {
+    client: String,
+    #[serde(default = "d_tier")]
+    tier: String,
+    #[serde(default)]
+    route: Option<String>,
+    /// One request's cost: a lease is never smaller, and a refusal of it is the answer.
+    #[serde(default = "d_cost")]
+    cost: u64,
+    /// Units the caller would like (its rate times the lease's life); the service decides.
+    #[serde(default)]
+    want: Option<u64>,
+    #[serde(default)]
+    ttl_ms: Option<u64>,
+}
+
+/// `/v1/check`'s answer plus the lease. When denied: `granted` 0 and no lease.
+#[derive(Debug, Serialize)]
+struct LeaseResponse {
+    #[serde(flatten)]
+    answer: CheckResponse,
+    granted: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lease_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_at_ms: Option<u64>,
+}
+
+/// The decision as if `back` units had not been taken (given back right after).
+fn minus(mut d: Decision, back: u64) -> Decision {
+    if let Some(b) = d.bucket.as_mut() {
+        b.remaining = b.remaining.saturating_add(back).min(b.capacity);
+    }
+    d.daily.used = d.daily.used.saturating_sub(back);
+    d.monthly.used = d.monthly.used.saturating_sub(back);
+    d
+}
+
+async fn lease(
+    State(s): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: LeaseRequest = parse_body(body)?;
+    name("client", &req.client)?;
+    name("tier", &req.tier)?;
+    if let Some(r) = &req.route {
+        name("route", r)?;
+    }
+    if req.cost == 0 || req.cost > MAX_COST {
+        return Err(ApiError::bad(format!("cost must be 1..={MAX_COST}")));
+    }
+    let now = (s.clock)();
+    let periods = periods_at(now)?;
+    let policy = s.config.tier_policy(&req.tier);
+    let want = req.want.unwrap_or(req.cost);
+    let mut size = crate::lease::first_size(&policy, req.cost, want);
+    // The largest size the decision grants, halving down to one request's cost: each try is
+    // an ordinary atomic decision, so nothing is taken unless all of it is.
+    let d = loop {
+        let args = CheckArgs {
+            client: &req.client,
+            tier: &req.tier,
+            tier_policy: &policy,
+            cost: size,
+            now_ms: now,
+            periods: &periods,
+            thresholds: &s.config.alerts.thresholds,
+        };
+        let d = match timed(&s.metrics, StoreOp::check, s.store.check(args)).await {
+            Ok(d) => d,
+            Err(e) => {
+                s.metrics.decision(DecisionOutcome::error);
+                tracing::warn!(client = %req.client, error = %e.message, "lease failed");
+                return Err(e);
+            }
+        };
+        if d.outcome == Outcome::Allowed {
+            break d;
+        }
+        match crate::lease::smaller(size, req.cost) {
+            Some(n) => size = n,
+            None => break d,
+        }
+    };
+    s.metrics.decision(outcome_label(&d));
+    enqueue_alerts(&s, &req.client, &d, &periods);
+    if d.outcome != Outcome::Allowed {
+        let answer = build_response(&d, &periods, now);
+        return Ok(Json(LeaseResponse {
+            answer,
+            granted: 0,
+            lease_id: None,
+            expires_at_ms: None,
+        })
+        .into_response());
+    }
+    let lref = crate::lease::LeaseRef {
+        nonce: crate::lease::nonce(),
+        day_id: periods.day.id.clone(),
+        month_id: periods.month.id.clone(),
+        bucket: crate::lease::BucketKind::of(&d),
+        granted: size,
+        expires_ms: crate::lease::expires_at(
+            now,
+            req.ttl_ms.unwrap_or(crate::lease::DEFAULT_TTL_MS),
+            &periods,
+        ),
+    };
+    let mut keep = crate::lease::keep(size, crate::lease::available_after(&d), req.cost);
+    if keep < size {
+        let back = ReleaseArgs {
+            client: &req.client,
+            lease: &lref,
+            units: size - keep,
+            now_ms: now,
+        };
+        // If the excess cannot go back, the caller keeps it: it is granted either way.
+        match timed(&s.metrics, StoreOp::check, s.store.release(back)).await {
+            Ok(n) => keep = size - n,
+            Err(e) => {
+                tracing::warn!(client = %req.client, error = %e.message, "lease trim failed");
+                keep = size;
+            }
+        }
+    }
+    let d = minus(d, size - keep);
+    let answer = build_response(&d, &periods, now);
+    Ok(Json(LeaseResponse {
+        answer,
+        granted: keep,
+        lease_id: Some(lref.id()),
+        expires_at_ms: Some(lref.expires_ms),
+    })
+    .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReleaseRequest {
+    client: String,
+    lease_id: String,
+    units: u64,
+}
+
+async fn release(
+    State(s): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: ReleaseRequest = parse_body(body)?;
+    name("client", &req.client)?;
+    let lref = crate::lease::LeaseRef::parse(&req.lease_id)
+        .ok_or_else(|| ApiError::bad("lease_id is not a lease id this service made"))?;
+    let now = (s.clock)();
+    let args = ReleaseArgs {
+        client: &req.client,
+        lease: &lref,
+        units: req.units,
+        now_ms: now,
+    };
+    let n = timed(&s.metrics, StoreOp::check, s.store.release(args)).await?;
+    Ok(Json(json!({"released": n})).into_response())
 }
 
 // ---------------------------------------------------------------- admin API

@@ -10,6 +10,7 @@ pub mod alerts;
 pub mod api;
 pub mod config;
 pub mod decision;
+pub mod lease;
 pub mod metrics;
 pub mod periods;
 pub mod policy;

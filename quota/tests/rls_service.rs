@@ -69,6 +69,12 @@ impl Store for Counting {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.inner.rls_check(items, now_ms)
     }
+    fn release<'a>(
+        &'a self,
+        args: api_guard_quota::store::ReleaseArgs<'a>,
+    ) -> StoreFuture<'a, u64> {
+        self.inner.release(args)
+    }
 }
 
 fn configs() -> RlsConfig {

@@ -520,6 +520,12 @@ pub fn compile(raw: RawConfig, env: EnvLookup<'_>) -> Result<(Config, Vec<Warnin
                 format!("'{}' is not \"allow\" or \"deny\"", q.failure_mode),
             ));
         }
+        if !matches!(q.mode.as_str(), "lease" | "check") {
+            return Err(ConfigError::new(
+                "quota.mode",
+                format!("'{}' is not \"lease\" or \"check\"", q.mode),
+            ));
+        }
         if q.cluster.is_empty() {
             return Err(ConfigError::new("quota.cluster", "must not be empty"));
         }
@@ -926,6 +932,7 @@ mod tests {
             "{\"routes\":[{\"name\":1}]}",
             "\u{0}",
             "{\"quota\":{\"cluster\":\"q\",\"failure_mode\":\"maybe\"}}",
+            "{\"quota\":{\"cluster\":\"q\",\"mode\":\"sometimes\"}}",
         ] {
             assert!(parse(doc.as_bytes(), &no_env).is_err(), "{doc:?}");
         }

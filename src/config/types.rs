@@ -404,6 +404,10 @@ pub struct QuotaConfig {
     pub timeout_ms: u64,
     #[serde(default = "d_failure_mode")]
     pub failure_mode: String,
+    /// `lease` (default: pre-granted units shared by the workers, refreshed in the
+    /// background) or `check` (one `/v1/check` callout per request).
+    #[serde(default = "d_quota_mode")]
+    pub mode: String,
     /// Extension: the circuit breaker in front of the callout.
     #[serde(default)]
     pub breaker: BreakerConfig,
@@ -438,6 +442,9 @@ fn d_quota_timeout() -> u64 {
 }
 fn d_failure_mode() -> String {
     "allow".into()
+}
+fn d_quota_mode() -> String {
+    "lease".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -238,10 +238,155 @@ fn adaptive_switches_and_near_misses_are_logged_and_counted() {
 
 fn quota_config(mode: &str) -> Value {
     json!({
-        "quota": {"cluster": "quota", "timeout_ms": 80, "failure_mode": mode,
+        "quota": {"cluster": "quota", "timeout_ms": 80, "failure_mode": mode, "mode": "check",
                   "breaker": {"failures": 2, "open_ms": 5000}},
         "routes": [{"name": "orders", "match": {"prefix": "/api"}, "quota": true, "cost": 3}]
     })
+}
+
+fn lease_config(failure_mode: &str) -> Value {
+    json!({
+        "quota": {"cluster": "quota", "timeout_ms": 80, "failure_mode": failure_mode,
+                  "breaker": {"failures": 5, "open_ms": 5000}},
+        "routes": [{"name": "orders", "match": {"prefix": "/api"}, "quota": true}]
+    })
+}
+
+fn grant(h: &FakeHost, id: &str, n: u64) -> OwnedResponse {
+    let exp = h.now.get() + 5000;
+    ok(
+        200,
+        &format!(
+            r#"{{"allowed":true,"granted":{n},"lease_id":"{id}","expires_at_ms":{exp},
+                "headers":{{"x-quota-remaining":"90"}}}}"#
+        ),
+    )
+}
+
+/// One request through the lease path: `Continue` without a callout, or `None` when it
+/// paused for one.
+fn leased(h: &mut FakeHost, w: &Rc<Worker>) -> Option<Driver> {
+    h.request("GET", "/api/x", &[]);
+    let mut d = Driver::new(Rc::clone(w));
+    match d.on_request_headers(h, true) {
+        Action::Continue => None,
+        Action::Pause => Some(d),
+    }
+}
+
+#[test]
+fn in_lease_mode_one_callout_serves_many_requests_and_the_next_lease_comes_in_the_background() {
+    let mut h = FakeHost::new();
+    let w = worker(lease_config("deny"), &mut h);
+    assert_eq!(w.tick_ms(), Some(crate::driver::LEASE_TICK_MS));
+    // No lease: the first request waits for one.
+    let mut d = leased(&mut h, &w).expect("waits for the first lease");
+    let call = h.callouts[0].clone();
+    assert_eq!(call.header(":path"), Some("/v1/lease"));
+    let body: Value = serde_json::from_slice(call.body.as_deref().unwrap()).unwrap();
+    assert_eq!(
+        (body["cost"].as_u64(), body["want"].as_u64()),
+        (Some(1), Some(32))
+    );
+    let g = grant(&h, "L1", 4);
+    d.on_callout_done(&mut h, call.token, Some(&g));
+    assert_eq!(h.resumed, 1);
+    d.on_response_headers(&mut h);
+    // The service counts the whole lease as used; the 3 units still held are the client's.
+    assert_eq!(h.response_header_values("x-quota-remaining"), ["93"]);
+    // The next 3 requests spend the lease without a callout; the first queues a refresh.
+    for _ in 0..3 {
+        assert!(leased(&mut h, &w).is_none());
+    }
+    assert_eq!(h.callouts.len(), 1, "no callout on the request path");
+    w.tick(&mut h);
+    assert_eq!(h.callouts.len(), 2, "the timer asks for the next lease");
+    let refresh = h.callouts[1].clone();
+    assert_eq!(refresh.header(":path"), Some("/v1/lease"));
+    let g = grant(&h, "L2", 10);
+    w.on_callout_done(&mut h, refresh.token, Some(&g));
+    for _ in 0..10 {
+        assert!(leased(&mut h, &w).is_none());
+    }
+    w.tick(&mut h);
+    // A refresh for L2 went out during those 10; nothing else.
+    assert_eq!(h.callouts.len(), 3);
+    assert_eq!(h.counter("api_guard.allowed"), 14);
+}
+
+#[test]
+fn with_the_service_down_a_held_lease_is_used_up_then_failure_mode_applies() {
+    let mut h = FakeHost::new();
+    let w = worker(lease_config("deny"), &mut h);
+    let mut d = leased(&mut h, &w).unwrap();
+    let token = h.callouts[0].token;
+    let g = grant(&h, "L1", 3);
+    d.on_callout_done(&mut h, token, Some(&g));
+    assert!(leased(&mut h, &w).is_none());
+    // The refresh times out.
+    w.tick(&mut h);
+    let token = h.callouts[1].token;
+    w.on_callout_done(&mut h, token, None);
+    assert!(leased(&mut h, &w).is_none(), "the last held unit");
+    // Nothing held: the request asks, the service is down, failure_mode deny answers 503.
+    let mut d = leased(&mut h, &w).expect("asks");
+    let token = h.callouts.last().unwrap().token;
+    d.on_callout_done(&mut h, token, None);
+    assert_eq!(sent(&h).status, 503);
+    assert_eq!(error_code(&h), "quota_unavailable");
+    assert_eq!(
+        h.counter("api_guard.allowed"),
+        3,
+        "exactly the granted units"
+    );
+}
+
+#[test]
+fn a_failed_lease_call_spends_a_lease_that_landed_meanwhile() {
+    let mut h = FakeHost::new();
+    let w = worker(lease_config("deny"), &mut h);
+    let mut d = leased(&mut h, &w).expect("waits");
+    // A background refresh is installed while this request waits for its own call.
+    let who = crate::quota_lease::Owner {
+        client: "10.0.0.1",
+        tier: "anonymous",
+        route: "orders",
+    };
+    let g = crate::quota_lease::Grant {
+        id: "bg".into(),
+        granted: 2,
+        expires_at_ms: h.now.get() + 5000,
+    };
+    crate::quota_lease::install(&*h.store, who, &g, 0, &[], h.now.get());
+    let token = h.callouts[0].token;
+    d.on_callout_done(&mut h, token, None);
+    assert!(h.sent.is_none(), "not 503: a granted unit was held");
+    assert_eq!(h.resumed, 1);
+    assert!(leased(&mut h, &w).is_none(), "the second unit");
+    assert!(leased(&mut h, &w).is_some(), "then nothing is held");
+}
+
+#[test]
+fn an_expired_lease_gives_its_units_back_through_the_timer() {
+    let mut h = FakeHost::new();
+    let w = worker(lease_config("allow"), &mut h);
+    let mut d = leased(&mut h, &w).unwrap();
+    let token = h.callouts[0].token;
+    let g = grant(&h, "L1", 50);
+    d.on_callout_done(&mut h, token, Some(&g));
+    h.now.set(h.now.get() + 6000);
+    for _ in 0..(crate::quota_lease::SLOTS / 64 + 1) {
+        w.tick(&mut h);
+    }
+    let release = h.callouts.last().unwrap();
+    assert_eq!(release.header(":path"), Some("/v1/lease/release"));
+    let body: Value = serde_json::from_slice(release.body.as_deref().unwrap()).unwrap();
+    assert_eq!(
+        body,
+        json!({"client": "10.0.0.1", "lease_id": "L1", "units": 49})
+    );
+    // An expired lease is never spent: the next request asks again.
+    assert!(leased(&mut h, &w).is_some());
 }
 
 #[test]

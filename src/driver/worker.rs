@@ -3,7 +3,8 @@
 
 use crate::config::{self, BreakerConfig, Config, EnvLookup};
 use crate::host::{CalloutResponse, CalloutToken, CounterId, LogLevel, Platform};
-use crate::quota_client::Breaker;
+use crate::quota_client::{self, Breaker, Permit};
+use crate::quota_lease;
 use crate::ratelimit::Event;
 use crate::reply::ErrorCode;
 use std::cell::{Cell, RefCell};
@@ -11,6 +12,11 @@ use std::cell::{Cell, RefCell};
 /// How often a host with a root timer should call [`Worker::refresh_jwks`]: it only checks
 /// whether a refresh is due and fetches when it wins the shared lease (`auth::remote_jwks`).
 pub const JWKS_TICK_MS: u64 = 500;
+/// The timer's period in lease mode: queued lease jobs (the next lease, releases) wait at
+/// most this long for a worker to dispatch them; leases are sized to last ~2 s.
+pub const LEASE_TICK_MS: u64 = 50;
+/// Lease slots checked for expired leases per tick (the whole table in about a second).
+const SWEEP_PER_TICK: usize = 64;
 
 /// One configuration on one worker thread. Requests share it through an `Rc`; what they
 /// change (breaker, refreshes, warnings) sits in cells: one thread, never re-entered.
@@ -23,6 +29,10 @@ pub struct Worker {
     refreshes: RefCell<Vec<(CalloutToken, usize)>>,
     /// The missing-body diagnostic was logged (once per worker).
     pub(crate) warned_no_body: Cell<bool>,
+    /// Background lease callouts in flight (`quota_lease::Job`).
+    lease_calls: RefCell<Vec<(CalloutToken, quota_lease::Job)>>,
+    /// Where the next expired-lease sweep starts.
+    sweep_at: Cell<usize>,
 }
 
 impl Worker {
@@ -82,6 +92,9 @@ impl Worker {
         }
         crate::auth::remote_jwks::prepare(&cfg.auth, platform.store());
         crate::hygiene::prepare(&cfg, platform.store());
+        if leases_used(&cfg) {
+            quota_lease::prepare(platform.store());
+        }
         let metrics = Metrics::define(&cfg, platform);
         let breaker = cfg
             .raw
@@ -95,6 +108,8 @@ impl Worker {
             metrics,
             refreshes: RefCell::new(Vec::new()),
             warned_no_body: Cell::new(false),
+            lease_calls: RefCell::new(Vec::new()),
+            sweep_at: Cell::new(0),
         })
     }
 
@@ -107,6 +122,141 @@ impl Worker {
     /// without one may skip it: requests fetch a missing set themselves (`Wait::Jwks`).
     pub fn needs_tick(&self) -> bool {
         self.config.auth.has_remote_jwks()
+    }
+
+    /// The period a host with a root timer should call [`Worker::tick`] at, or `None` when
+    /// nothing runs in the background (no remote JWKS, no leases).
+    pub fn tick_ms(&self) -> Option<u64> {
+        if leases_used(&self.config) {
+            Some(LEASE_TICK_MS)
+        } else if self.needs_tick() {
+            Some(JWKS_TICK_MS)
+        } else {
+            None
+        }
+    }
+
+    /// The timer: JWKS refreshes that are due, and in lease mode the queued lease jobs and
+    /// a slice of the expired-lease sweep.
+    pub fn tick<P: Platform + ?Sized>(&self, platform: &mut P) {
+        if self.needs_tick() {
+            self.refresh_jwks(platform);
+        }
+        if leases_used(&self.config) {
+            self.lease_jobs(platform);
+        }
+    }
+
+    /// Dispatches the queued lease jobs from this worker's root (their answers come back to
+    /// [`Worker::on_callout_done`], whatever happened to the requests that queued them).
+    fn lease_jobs<P: Platform + ?Sized>(&self, platform: &mut P) {
+        let Some(qc) = self.config.raw.quota.as_ref() else {
+            return;
+        };
+        let now = platform.now_ms();
+        let next = quota_lease::sweep(platform.store(), self.sweep_at.get(), SWEEP_PER_TICK, now);
+        self.sweep_at.set(next);
+        let authority = qc.authority.as_deref().unwrap_or(&qc.cluster);
+        for job in quota_lease::take_jobs(platform.store()) {
+            let (path, body) = match &job {
+                quota_lease::Job::Refresh {
+                    slot,
+                    client,
+                    tier,
+                    route,
+                    cost,
+                    want,
+                } => {
+                    let permit = self.breaker.borrow_mut().permit(now);
+                    if permit == Permit::Skip {
+                        let until = now.saturating_add(qc.breaker.open_ms);
+                        quota_lease::hold(platform.store(), *slot, client, tier, until);
+                        continue;
+                    }
+                    (
+                        "/v1/lease",
+                        quota_lease::lease_body(client, tier, route, *cost, *want),
+                    )
+                }
+                quota_lease::Job::Release { client, id, units } => (
+                    "/v1/lease/release",
+                    quota_lease::release_body(client, id, *units),
+                ),
+            };
+            let headers = [
+                (":method", "POST"),
+                (":path", path),
+                (":authority", authority),
+                ("content-type", "application/json"),
+            ];
+            match platform.dispatch_callout(&qc.cluster, &headers, Some(&body), qc.timeout_ms) {
+                Ok(token) => self.lease_calls.borrow_mut().push((token, job)),
+                Err(e) => {
+                    if let quota_lease::Job::Refresh {
+                        slot, client, tier, ..
+                    } = &job
+                    {
+                        self.breaker.borrow_mut().record(false, now);
+                        quota_lease::hold(platform.store(), *slot, client, tier, now + 1000);
+                    }
+                    platform.log(
+                        LogLevel::Debug,
+                        format_args!("api-guard: lease callout to '{}' failed: {e}", qc.cluster),
+                    );
+                }
+            }
+        }
+    }
+
+    /// The answer to a background lease callout.
+    fn lease_done<P: Platform + ?Sized>(
+        &self,
+        platform: &mut P,
+        job: quota_lease::Job,
+        response: Option<&dyn CalloutResponse>,
+    ) {
+        let quota_lease::Job::Refresh {
+            slot,
+            client,
+            tier,
+            route,
+            ..
+        } = job
+        else {
+            // Releases are best effort: a lost one under-admits, never over-admits.
+            return;
+        };
+        let now = platform.now_ms();
+        let answer = match response {
+            None => Err("no answer".to_string()),
+            Some(r) if r.body_len() > quota_client::MAX_ANSWER_BYTES => {
+                Err("answer too large".to_string())
+            }
+            Some(r) => quota_client::parse_answer(r.status().unwrap_or(0), &r.body()),
+        };
+        self.breaker.borrow_mut().record(answer.is_ok(), now);
+        let store = platform.store();
+        match answer {
+            Ok(quota_client::Answer::Allow {
+                lease: Some(g),
+                headers,
+                ..
+            }) => {
+                let who = quota_lease::Owner {
+                    client: &client,
+                    tier: &tier,
+                    route: &route,
+                };
+                quota_lease::install(store, who, &g, 0, &headers, now);
+            }
+            Ok(quota_client::Answer::Deny { retry_after_s, .. }) => {
+                // No more units now: requests spend what is held, then ask (and get the
+                // denial themselves).
+                let wait = retry_after_s.unwrap_or(1).clamp(1, 10) * 1000;
+                quota_lease::hold(store, slot, &client, &tier, now + wait);
+            }
+            _ => quota_lease::hold(store, slot, &client, &tier, now + 1000),
+        }
     }
 
     /// Starts the JWKS fetches that are due and won by this worker.
@@ -143,6 +293,16 @@ impl Worker {
         token: CalloutToken,
         response: Option<&dyn CalloutResponse>,
     ) {
+        let lease_job = {
+            let mut calls = self.lease_calls.borrow_mut();
+            calls
+                .iter()
+                .position(|(t, _)| *t == token)
+                .map(|at| calls.swap_remove(at).1)
+        };
+        if let Some(job) = lease_job {
+            return self.lease_done(platform, job, response);
+        }
         let provider = {
             let mut calls = self.refreshes.borrow_mut();
             let Some(at) = calls.iter().position(|(t, _)| *t == token) else {
@@ -178,6 +338,17 @@ impl Worker {
             ),
         }
     }
+}
+
+/// Whether the config holds leases: `quota.mode` `lease` and some route with `"quota": true`.
+pub(crate) fn leases_used(cfg: &Config) -> bool {
+    quota_client::lease_mode(cfg)
+        && cfg
+            .routes
+            .iter()
+            .map(|r| &r.policy)
+            .chain(cfg.default_route.as_ref())
+            .any(|p| p.quota)
 }
 
 /// The headers of a JWKS fetch.

@@ -3,7 +3,7 @@
 
 use super::host::{WasmCallout, WasmHost};
 use super::http::Http;
-use crate::driver::{Worker, JWKS_TICK_MS};
+use crate::driver::Worker;
 use crate::host::CalloutToken;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
@@ -41,8 +41,8 @@ impl RootContext for Root {
         else {
             return false;
         };
-        if worker.needs_tick() {
-            self.set_tick_period(Duration::from_millis(JWKS_TICK_MS));
+        if let Some(ms) = worker.tick_ms() {
+            self.set_tick_period(Duration::from_millis(ms));
         }
         self.worker = Some(Rc::new(worker));
         true
@@ -54,7 +54,7 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         if let Some(w) = &self.worker {
-            w.refresh_jwks(&mut WasmHost);
+            w.tick(&mut WasmHost);
         }
     }
 

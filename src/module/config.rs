@@ -1,12 +1,12 @@
 //! One Envoy filter config (`on_http_filter_config_new`): validated on the main thread, where
 //! its counters are defined (the ABI defines metrics only there), then one
 //! [`Worker`] per worker thread, built on first use from the same JSON (as the wasm filter
-//! builds one per VM). Background JWKS refreshes run on the main thread, woken by a timer
+//! builds one per VM). Background JWKS refreshes and lease jobs run on the main thread, woken by a timer
 //! thread through Envoy's config scheduler.
 
 use super::abi::{self, ConfigSchedulerPtr, FilterConfigEnvoyPtr, ModuleBuffer};
 use super::logger;
-use crate::driver::{Worker, JWKS_TICK_MS};
+use crate::driver::Worker;
 use crate::host::{CalloutError, CalloutToken, CounterId, LogLevel, Platform};
 use crate::store::{ProcessStore, SharedStore};
 use std::cell::RefCell;
@@ -74,7 +74,10 @@ impl FilterConfig {
         let api = abi::api()?;
         // SAFETY: plain call on the main thread (abi.h: `is_validation_mode`).
         let validating = unsafe { (api.is_validation_mode)() };
-        let ticker = (worker.needs_tick() && !validating).then(|| start_ticker(envoy));
+        let ticker = worker
+            .tick_ms()
+            .filter(|_| !validating)
+            .map(|ms| start_ticker(envoy, ms));
         Some(FilterConfig {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             json: json.to_vec(),
@@ -115,7 +118,7 @@ impl FilterConfig {
             envoy: self.envoy,
             counters: HashMap::new(),
         };
-        self.main.0.refresh_jwks(&mut platform);
+        self.main.0.tick(&mut platform);
     }
 
     /// Main thread: the answer to a background refresh.
@@ -161,18 +164,22 @@ thread_local! {
     static WORKERS: RefCell<Vec<(u64, Rc<Worker>)>> = const { RefCell::new(Vec::new()) };
 }
 
-/// A thread that asks the main thread every `JWKS_TICK_MS` to check for due JWKS refreshes
+/// A thread that asks the main thread every `period_ms` (`Worker::tick_ms`) to run
+/// `Worker::tick`: due JWKS refreshes, queued lease jobs
 /// (the wasm filter's root-context tick). It ends when the config is destroyed.
-fn start_ticker(envoy: FilterConfigEnvoyPtr) -> Arc<Mutex<Option<SchedulerHandle>>> {
+fn start_ticker(
+    envoy: FilterConfigEnvoyPtr,
+    period_ms: u64,
+) -> Arc<Mutex<Option<SchedulerHandle>>> {
     let api = abi::api().expect("callbacks resolved at program init");
     // SAFETY: main thread, inside `config_new` (abi.h: `config_scheduler_new`).
     let handle = SchedulerHandle(unsafe { (api.config_scheduler_new)(envoy) });
     let shared = Arc::new(Mutex::new(Some(handle)));
     let timer = Arc::clone(&shared);
     let spawned = std::thread::Builder::new()
-        .name("api-guard-jwks".into())
+        .name("api-guard-tick".into())
         .spawn(move || loop {
-            std::thread::sleep(Duration::from_millis(JWKS_TICK_MS));
+            std::thread::sleep(Duration::from_millis(period_ms));
             let guard = timer.lock().unwrap_or_else(|e| e.into_inner());
             match guard.as_ref() {
                 // SAFETY: the scheduler is alive while it is in the mutex (see Drop).

@@ -6,10 +6,11 @@
 //! plus grace), swept at most once a minute, and the number of clients is capped.
 
 use super::{
-    CheckArgs, ClientRecord, RlsDecision, RlsItem, Store, StoreError, StoreFuture, UsageSnapshot,
-    RLS_GRACE_MS, USAGE_GRACE_MS,
+    lease, CheckArgs, ClientRecord, ReleaseArgs, RlsDecision, RlsItem, Store, StoreError,
+    StoreFuture, UsageSnapshot, RLS_GRACE_MS, USAGE_GRACE_MS,
 };
 use crate::decision::{self, BucketState, ClientState, Decision, Input, UsageState};
+use crate::lease::BucketKind;
 use crate::periods::{Period, Periods};
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
@@ -59,6 +60,8 @@ struct Inner {
     map: HashMap<String, Entry>,
     /// Rate limit service counters: key -> ([a, b], expires at).
     rls: HashMap<String, ([u64; 2], u64)>,
+    /// Units given back per lease (`store::lease`): lease key -> (units, expires at).
+    released: HashMap<String, (u64, u64)>,
     last_sweep_ms: u64,
 }
 
@@ -306,5 +309,61 @@ impl Store for MemoryStore {
     fn rls_check<'a>(&'a self, items: &'a [RlsItem], now_ms: u64) -> StoreFuture<'a, RlsDecision> {
         let r = self.rls_check_sync(items, now_ms);
         Box::pin(async move { r })
+    }
+
+    fn release<'a>(&'a self, a: ReleaseArgs<'a>) -> StoreFuture<'a, u64> {
+        let r = self.release_sync(&a);
+        Box::pin(async move { r })
+    }
+}
+
+impl MemoryStore {
+    /// `store::lease::RELEASE`, on the in-memory state.
+    fn release_sync(&self, a: &ReleaseArgs<'_>) -> Result<u64, StoreError> {
+        let now = a.now_ms;
+        let keys = lease::ReleaseKeys::new(a.client, a.lease);
+        let mut inner = self.lock();
+        if inner.released.len() >= self.max_clients {
+            inner.released.retain(|_, v| v.1 > now);
+            if inner.released.len() >= self.max_clients {
+                return Err(StoreError::Full(self.max_clients));
+            }
+        }
+        let done = inner
+            .released
+            .get(&keys.lease)
+            .filter(|v| v.1 > now)
+            .map_or(0, |v| v.0);
+        let n = lease::to_give_back(a.units, a.lease.granted, done);
+        if n == 0 {
+            return Ok(0);
+        }
+        let exp = now.saturating_add(lease::counter_ttl_ms(a.lease, now));
+        inner.released.insert(keys.lease, (done + n, exp));
+        let Some(e) = inner.map.get_mut(a.client) else {
+            return Ok(n);
+        };
+        for (u, id) in [
+            (&mut e.day, &a.lease.day_id),
+            (&mut e.month, &a.lease.month_id),
+        ] {
+            if let Some(u) = u
+                .as_mut()
+                .filter(|u| u.period_id == *id && u.expires_ms > now)
+            {
+                u.state.used -= n.min(u.state.used);
+            }
+        }
+        let bucket = match a.lease.bucket {
+            BucketKind::None => None,
+            BucketKind::Tier => e.bucket.as_mut(),
+            BucketKind::Throttle => e.throttle.as_mut(),
+        };
+        // Above capacity is fine: every load caps the level (`decision::load_bucket`).
+        if let Some((b, exp)) = bucket.filter(|(_, exp)| *exp > now) {
+            b.level = b.level.saturating_add(n.saturating_mul(b.period_ms));
+            let _ = exp;
+        }
+        Ok(n)
     }
 }

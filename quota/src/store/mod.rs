@@ -6,9 +6,12 @@
 //! (`quota/tests/store_suite.rs`). Time is an argument: the service reads the clock once per
 //! request and both stores do the same math with it.
 
+pub mod lease;
 pub mod memory;
 pub mod redis;
 pub mod scripts;
+
+pub use lease::ReleaseArgs;
 
 use crate::decision::{Decision, UsageState};
 use crate::periods::Periods;
@@ -94,6 +97,10 @@ pub trait Store: Send + Sync {
     /// Decides one ShouldRateLimit request over all its limited descriptors atomically
     /// (`crate::rls::decide`): all charged or none.
     fn rls_check<'a>(&'a self, items: &'a [RlsItem], now_ms: u64) -> StoreFuture<'a, RlsDecision>;
+
+    /// Gives back up to `units` of a lease's units (`store::lease`): never more than it
+    /// granted in total, whatever the number of calls. Returns the units given back.
+    fn release<'a>(&'a self, args: ReleaseArgs<'a>) -> StoreFuture<'a, u64>;
 }
 
 /// One limited descriptor of a rate limit service request, with its store keys.

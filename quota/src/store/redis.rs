@@ -12,8 +12,8 @@
 //! (redis-rs pipelines concurrent calls per node). quota/README.md has the exactness argument.
 
 use super::{
-    admin_keys, scripts, CheckArgs, ClientKeys, ClientRecord, RlsDecision, RlsItem, Store,
-    StoreError, StoreFuture, UsageSnapshot, Webhook, RLS_GRACE_MS, USAGE_GRACE_MS,
+    admin_keys, lease, scripts, CheckArgs, ClientKeys, ClientRecord, ReleaseArgs, RlsDecision,
+    RlsItem, Store, StoreError, StoreFuture, UsageSnapshot, Webhook, RLS_GRACE_MS, USAGE_GRACE_MS,
 };
 use crate::decision::{
     BucketReport, Decision, FiredAlert, Outcome, QuotaReport, UsageState, Which,
@@ -729,6 +729,28 @@ impl Store for RedisStore {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let v = self.run(&self.rls_check, &keys, &args).await?;
             parse_rls(&v, items.len())
+        })
+    }
+
+    fn release<'a>(&'a self, a: ReleaseArgs<'a>) -> StoreFuture<'a, u64> {
+        // Rare next to checks: the script's SHA is computed once, the script itself is loaded
+        // on first use (redis-rs retries after NOSCRIPT).
+        static RELEASE: std::sync::LazyLock<Script> =
+            std::sync::LazyLock::new(|| Script::new(lease::RELEASE));
+        Box::pin(async move {
+            let k = lease::ReleaseKeys::new(a.client, a.lease);
+            let (units, granted) = (a.units.to_string(), a.lease.granted.to_string());
+            let ttl = lease::counter_ttl_ms(a.lease, a.now_ms).to_string();
+            let has_bucket = if k.bucket.is_some() { "1" } else { "0" };
+            let bucket = k.bucket.as_deref().unwrap_or(&k.lease);
+            let v = self
+                .run(
+                    &RELEASE,
+                    &[&k.lease, &k.day, &k.month, bucket],
+                    &[&units, &granted, &ttl, has_bucket],
+                )
+                .await?;
+            as_u64(&v)
         })
     }
 
