@@ -21,8 +21,11 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::OnceLock;
 
+/// A target: takes any bytes, panics when an invariant breaks.
+pub type Target = fn(&[u8]);
+
 /// Every target, by the name its `fuzz/fuzz_targets/<name>.rs` and `fuzz/corpus/<name>/` use.
-pub const TARGETS: [(&str, fn(&[u8])); 8] = [
+pub const TARGETS: [(&str, Target); 8] = [
     ("config", config),
     ("jwt", jwt),
     ("jwks", jwks),
@@ -794,7 +797,7 @@ pub fn webhook(data: &[u8]) {
         _ => sig.rfind('='),
     }
     .map_or(0, |i| i + 1);
-    let pos = start + usize::from(klen) % (sig.len() - start);
+    let pos = start + klen % (sig.len() - start);
     let mut bad = good.clone();
     let mut chars: Vec<u8> = sig.clone().into_bytes();
     chars[pos] = match chars[pos] {
