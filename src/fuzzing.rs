@@ -603,6 +603,8 @@ fn webhook_key(scheme: &str, key: &[u8], ed: bool) -> WebhookKey {
             for (i, b) in key.iter().enumerate() {
                 seed[i % 32] ^= b;
             }
+            // ed25519-compact refuses (panics on) an all-zero seed; any other seed is a key.
+            seed[31] |= 1;
             let kp = ed25519_compact::KeyPair::from_seed(ed25519_compact::Seed::new(seed));
             WebhookKey {
                 secret: format!("whpk_{}", STANDARD.encode(*kp.pk)),
