@@ -70,8 +70,9 @@ fn pct(s: &[u8]) -> String {
 
 /// The HTTP API with its real router and handlers over a memory store: `/v1/check` and the
 /// admin endpoints. Byte 0 picks the endpoint, byte 1 the credentials; then `id\nbody`. No
-/// answer is a 5xx but a full store's 503; every error is the SPEC's JSON shape; a body that is not JSON is always
-/// refused; a check answer says `allowed`, and a denial carries its status and code.
+/// answer is a 5xx but a full store's 503; every error is the SPEC's JSON shape; a body that
+/// is not JSON is always refused; a check answer says `allowed`, and a denial carries its
+/// status and code.
 pub fn quota_api(data: &[u8]) {
     let (Some(&ep), Some(&auth)) = (data.first(), data.get(1)) else {
         return;
