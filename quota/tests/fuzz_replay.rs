@@ -24,3 +24,13 @@ fn every_committed_fuzz_input_passes_its_target() {
         }
     }
 }
+
+/// Found by the `quota_api` target: axum's own rejection of a path or query that does not
+/// decode to UTF-8 was plain text, not the SPEC's JSON error (`quota_api` asserts the shape).
+#[test]
+fn a_client_path_or_query_that_is_not_utf8_gets_a_json_error() {
+    // DELETE /v1/clients/c1%8E with the admin token.
+    api_guard_quota::fuzzing::quota_api(&[3, 0, b'c', b'1', 0x8e, b'\n']);
+    // GET /v1/clients/c/usage?tier=%FF with the admin token.
+    api_guard_quota::fuzzing::quota_api(&[4, 0, b'c', b'\n', 0xff]);
+}
