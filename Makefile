@@ -5,6 +5,8 @@
 #   make run     the demo stack on 127.0.0.1:8080, with ready-to-paste curl commands
 #                (DELIVERY=native: the dynamic module instead of the .wasm)
 #   make lint    rustfmt + clippy, warnings are errors
+#   make fuzz    every fuzz target for FUZZ_SECONDS each (default 60; not part of `make test`,
+#                which replays the committed corpora instead; docs/FUZZING.md)
 #   make bench   api-guard side by side with Envoy's native filters (not part of `make test`)
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -17,7 +19,7 @@ DELIVERY ?= wasm
 ENVOY_BIN := $(CURDIR)/.tools/envoy/envoy/_bin/envoy
 export ENVOY_BIN
 
-.PHONY: all build wasm module native tools test test-unit test-e2e run lint bench clean
+.PHONY: all build wasm module native tools test test-unit test-e2e run lint bench fuzz clean
 
 all: build
 
@@ -58,6 +60,9 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy --release --target wasm32-wasip1 --lib $(WASM_FLAGS) -- -D warnings
+
+fuzz:
+	@scripts/fuzz.sh
 
 bench: tools build
 	@scripts/tools.sh wrk

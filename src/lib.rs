@@ -29,6 +29,10 @@ pub mod echo;
 pub mod envoy_check;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod explain;
+/// Fuzz target logic shared by `fuzz/` (libFuzzer) and `tests/fuzz_replay.rs`; not an API.
+#[cfg(not(target_arch = "wasm32"))]
+#[doc(hidden)]
+pub mod fuzzing;
 
 #[cfg(target_arch = "wasm32")]
 mod filter;

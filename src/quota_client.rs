@@ -114,8 +114,11 @@ pub fn parse_answer(status: u32, body: &[u8]) -> Result<Answer, String> {
     if body.len() > MAX_ANSWER_BYTES {
         return Err("quota service answer too large".into());
     }
+    // UTF-8 first: serde_json skips the strings of unknown members without checking them, so
+    // `from_slice` alone took a body that is not JSON (found by fuzzing, docs/FUZZING.md).
+    let text = std::str::from_utf8(body).map_err(|_| "quota answer is not UTF-8".to_string())?;
     let raw: RawAnswer =
-        serde_json::from_slice(body).map_err(|e| format!("unreadable quota answer: {e}"))?;
+        serde_json::from_str(text).map_err(|e| format!("unreadable quota answer: {e}"))?;
     // Filter, then cap: names the filter drops do not crowd out the ones it keeps (the map
     // itself is bounded by MAX_ANSWER_BYTES).
     let headers: Vec<(String, String)> = raw
@@ -559,6 +562,13 @@ mod tests {
         assert!(parse_answer(200, b"not json").is_err());
         assert!(parse_answer(200, br#"{"allowed":false,"status":500}"#).is_err());
         assert!(parse_answer(200, &vec![b' '; MAX_ANSWER_BYTES + 1]).is_err());
+    }
+
+    #[test]
+    fn an_answer_that_is_not_utf8_is_refused_even_in_an_unknown_member() {
+        // fuzz/corpus/quota_answer/regression-non-utf8-unknown-member: was accepted.
+        assert!(parse_answer(200, b"{\"allowed\":true,\"x\":\"\xff\xfe\"}").is_err());
+        assert!(parse_answer(200, b"{\"allowed\":true,\"x\":\"ok\"}").is_ok());
     }
 
     #[test]

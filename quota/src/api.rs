@@ -10,7 +10,7 @@ use crate::periods::{rfc3339, PeriodKind, Periods};
 use crate::policy::{validate_name, Bucket, OveragePolicy, Override, Quota, Setting};
 use crate::store::{CheckArgs, ClientRecord, ReleaseArgs, Store, StoreError, Webhook};
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -143,6 +143,13 @@ fn parse_body<T: serde::de::DeserializeOwned>(
         )
     })?;
     serde_json::from_slice(&body).map_err(|e| ApiError::bad(format!("invalid JSON body: {e}")))
+}
+
+/// The `{id}` of a client path. axum's own rejection (e.g. `%FF`, not UTF-8) is plain text;
+/// every error of this API is the SPEC's JSON (found by fuzzing, docs/FUZZING.md).
+fn path_id(p: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    p.map(|Path(id)| id)
+        .map_err(|e| ApiError::bad(format!("invalid client id in the path: {}", e.body_text())))
 }
 
 fn name(field: &str, s: &str) -> Result<(), ApiError> {
@@ -658,11 +665,12 @@ fn record_json(client: &str, rec: &ClientRecord) -> Value {
 
 async fn put_client(
     State(s): State<AppState>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
+    let id = path_id(id)?;
     name("client", &id)?;
     let req: PutClient = parse_body(body)?;
     if let Some(t) = &req.tier {
@@ -693,10 +701,11 @@ async fn put_client(
 
 async fn get_client(
     State(s): State<AppState>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
+    let id = path_id(id)?;
     name("client", &id)?;
     let rec = timed(&s.metrics, StoreOp::client, s.store.get_client(&id)).await?;
     Ok(Json(record_json(&id, &rec)).into_response())
@@ -704,10 +713,11 @@ async fn get_client(
 
 async fn delete_client(
     State(s): State<AppState>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
+    let id = path_id(id)?;
     name("client", &id)?;
     timed(
         &s.metrics,
@@ -726,12 +736,14 @@ struct UsageQuery {
 
 async fn usage(
     State(s): State<AppState>,
-    Path(id): Path<String>,
-    Query(q): Query<UsageQuery>,
+    id: Result<Path<String>, PathRejection>,
+    q: Result<Query<UsageQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
+    let id = path_id(id)?;
     name("client", &id)?;
+    let Query(q) = q.map_err(|e| ApiError::bad(format!("invalid query: {}", e.body_text())))?;
     if let Some(t) = &q.tier {
         name("tier", t)?;
     }

@@ -10,6 +10,9 @@ pub mod alerts;
 pub mod api;
 pub mod config;
 pub mod decision;
+/// Fuzz target logic shared by `fuzz/` and `quota/tests/fuzz_replay.rs`; not an API.
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod lease;
 pub mod metrics;
 pub mod periods;
