@@ -29,6 +29,7 @@
 //! and the decisions hand out borrowed strings.
 
 use crate::config::{Config, ConfigError, CorsConfig, Warning};
+use crate::headers::is_token;
 use crate::pipeline::{Answer, Exchange, Request, Step};
 use crate::reply::{ErrorCode, LocalReply};
 use std::fmt;
@@ -285,30 +286,6 @@ pub struct CorsPolicy {
     /// Empty when nothing is exposed (the header is then left out).
     expose_headers_value: String,
     max_age_value: String,
-}
-
-fn is_token(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes().all(|b| {
-            b.is_ascii_alphanumeric()
-                || matches!(
-                    b,
-                    b'!' | b'#'
-                        | b'$'
-                        | b'%'
-                        | b'&'
-                        | b'\''
-                        | b'*'
-                        | b'+'
-                        | b'-'
-                        | b'.'
-                        | b'^'
-                        | b'_'
-                        | b'`'
-                        | b'|'
-                        | b'~'
-                )
-        })
 }
 
 fn check_header_names(path: &str, names: &[String]) -> Result<Vec<String>, ConfigError> {

@@ -153,6 +153,31 @@ fn local_headers(
     h
 }
 
+/// RFC 9110 `token` (header names, media types, CORS method and header lists).
+pub fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes().all(|b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'!' | b'#'
+                        | b'$'
+                        | b'%'
+                        | b'&'
+                        | b'\''
+                        | b'*'
+                        | b'+'
+                        | b'-'
+                        | b'.'
+                        | b'^'
+                        | b'_'
+                        | b'`'
+                        | b'|'
+                        | b'~'
+                )
+        })
+}
+
 /// Escapes a string for a JSON log line without allocating a serde value.
 fn json_str(out: &mut String, s: &str) {
     out.push('"');

@@ -159,12 +159,7 @@ fn windows_exemptions_and_stacked_limits() {
 
     // Each exempt key shows up once as an event (not once per request): 3 partner addresses
     // and 1 internal one.
-    let exempt_events: Vec<serde_json::Value> = envoy
-        .logs()
-        .lines()
-        .filter_map(|l| l.find("{\"event\":\"api_guard.exempt\"").map(|i| &l[i..]))
-        .map(|j| serde_json::from_str(j).unwrap())
-        .collect();
+    let exempt_events = envoy.events("exempt");
     assert_eq!(exempt_events.len(), 4, "{exempt_events:?}");
     assert!(exempt_events
         .iter()
@@ -234,15 +229,7 @@ fn one_key_from_too_many_addresses_is_refused_and_reported() {
     );
     assert_eq!(envoy.stat("wasmcustom.api_guard.abuse.key_sharing.over"), 2);
     // One structured event for the window, in the deny log's shape.
-    let events: Vec<serde_json::Value> = envoy
-        .logs()
-        .lines()
-        .filter_map(|l| {
-            l.find("{\"event\":\"api_guard.credential_abuse\"")
-                .map(|i| &l[i..])
-        })
-        .map(|j| serde_json::from_str(j).unwrap())
-        .collect();
+    let events = envoy.events("credential_abuse");
     assert_eq!(
         events.len(),
         1,

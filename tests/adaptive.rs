@@ -34,13 +34,7 @@ fn from(envoy: &Envoy, path: &str, ip: &str) -> Resp {
 
 /// The structured events named `event` in Envoy's log.
 fn events(envoy: &Envoy, event: &str) -> Vec<Value> {
-    let needle = format!("{{\"event\":\"api_guard.{event}\"");
-    envoy
-        .logs()
-        .lines()
-        .filter_map(|l| l.find(&needle).map(|i| &l[i..]))
-        .map(|j| serde_json::from_str(j.trim()).unwrap_or_else(|e| panic!("{e}: {j}")))
-        .collect()
+    envoy.events(event)
 }
 
 #[test]

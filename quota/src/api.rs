@@ -349,31 +349,19 @@ async fn check(
         return Err(ApiError::bad(format!("cost must be 0..={MAX_COST}")));
     }
     let now = (s.clock)();
-    let periods = Periods::at_cached(now).map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "clock_error",
-            e.to_string(),
-        )
-    })?;
+    let periods = periods_at(now)?;
     let policy = s.config.tier_policy(&req.tier);
-    let args = CheckArgs {
-        client: &req.client,
-        tier: &req.tier,
-        tier_policy: &policy,
-        cost: req.cost,
-        now_ms: now,
-        periods: &periods,
-        thresholds: &s.config.alerts.thresholds,
-    };
-    let d = match timed(&s.metrics, StoreOp::check, s.store.check(args)).await {
-        Ok(d) => d,
-        Err(e) => {
-            s.metrics.decision(DecisionOutcome::error);
-            tracing::warn!(client = %req.client, error = %e.message, "check failed");
-            return Err(e);
-        }
-    };
+    let d = decide(
+        &s,
+        &req.client,
+        &req.tier,
+        &policy,
+        req.cost,
+        now,
+        &periods,
+        "check",
+    )
+    .await?;
     s.metrics.decision(outcome_label(&d));
     enqueue_alerts(&s, &req.client, &d, &periods);
     if d.outcome != Outcome::Allowed {
@@ -407,8 +395,41 @@ fn enqueue_alerts(s: &AppState, client: &str, d: &Decision, periods: &Periods) {
     }
 }
 
-fn periods_at(now: u64) -> Result<Periods, ApiError> {
-    Periods::at(now).map_err(|e| {
+/// One store decision, timed; a store error is counted, logged as `what` failing, and
+/// answered (503). Shared by `/v1/check` and `/v1/lease` (each lease try is one decision).
+#[allow(clippy::too_many_arguments)]
+async fn decide(
+    s: &AppState,
+    client: &str,
+    tier: &str,
+    policy: &crate::policy::Policy,
+    cost: u64,
+    now: u64,
+    periods: &Periods,
+    what: &str,
+) -> Result<Decision, ApiError> {
+    let args = CheckArgs {
+        client,
+        tier,
+        tier_policy: policy,
+        cost,
+        now_ms: now,
+        periods,
+        thresholds: &s.config.alerts.thresholds,
+    };
+    match timed(&s.metrics, StoreOp::check, s.store.check(args)).await {
+        Ok(d) => Ok(d),
+        Err(e) => {
+            s.metrics.decision(DecisionOutcome::error);
+            tracing::warn!(client = %client, error = %e.message, "{what} failed");
+            Err(e)
+        }
+    }
+}
+
+/// The UTC periods at `now` (cached per day: computed once per UTC day).
+fn periods_at(now: u64) -> Result<std::sync::Arc<Periods>, ApiError> {
+    Periods::at_cached(now).map_err(|e| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "clock_error",
@@ -480,23 +501,17 @@ async fn lease(
     // The largest size the decision grants, halving down to one request's cost: each try is
     // an ordinary atomic decision, so nothing is taken unless all of it is.
     let d = loop {
-        let args = CheckArgs {
-            client: &req.client,
-            tier: &req.tier,
-            tier_policy: &policy,
-            cost: size,
-            now_ms: now,
-            periods: &periods,
-            thresholds: &s.config.alerts.thresholds,
-        };
-        let d = match timed(&s.metrics, StoreOp::check, s.store.check(args)).await {
-            Ok(d) => d,
-            Err(e) => {
-                s.metrics.decision(DecisionOutcome::error);
-                tracing::warn!(client = %req.client, error = %e.message, "lease failed");
-                return Err(e);
-            }
-        };
+        let d = decide(
+            &s,
+            &req.client,
+            &req.tier,
+            &policy,
+            size,
+            now,
+            &periods,
+            "lease",
+        )
+        .await?;
         if d.outcome == Outcome::Allowed {
             break d;
         }

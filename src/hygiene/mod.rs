@@ -11,6 +11,7 @@ pub mod ceiling;
 pub mod stage;
 
 use crate::config::{BackendCeilingConfig, ConfigError};
+use crate::headers::is_token;
 
 pub use ceiling::Ceiling;
 
@@ -48,31 +49,6 @@ impl std::fmt::Display for MediaRange {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.ty, self.sub)
     }
-}
-
-/// RFC 9110 `token`.
-fn is_token(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes().all(|b| {
-            b.is_ascii_alphanumeric()
-                || matches!(
-                    b,
-                    b'!' | b'#'
-                        | b'$'
-                        | b'%'
-                        | b'&'
-                        | b'\''
-                        | b'*'
-                        | b'+'
-                        | b'-'
-                        | b'.'
-                        | b'^'
-                        | b'_'
-                        | b'`'
-                        | b'|'
-                        | b'~'
-                )
-        })
 }
 
 /// The media type of a `content-type` value without its parameters (`; charset=utf-8`),

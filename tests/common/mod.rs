@@ -587,6 +587,18 @@ impl Envoy {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// The filter's structured events named `event` (`api_guard.<event>` JSON lines) in
+    /// Envoy's log, in order.
+    #[allow(dead_code)] // not every test file reads events
+    pub fn events(&self, event: &str) -> Vec<Value> {
+        let needle = format!("{{\"event\":\"api_guard.{event}\"");
+        self.logs()
+            .lines()
+            .filter_map(|l| l.find(&needle).map(|i| &l[i..]))
+            .map(|j| serde_json::from_str(j.trim()).unwrap_or_else(|e| panic!("{e}: {j}")))
+            .collect()
+    }
+
     /// The admin `/stats` text.
     pub fn stats(&self) -> String {
         String::from_utf8_lossy(&http(self.admin_port, "GET", "/stats").send().body).into_owned()
