@@ -163,6 +163,70 @@ add("rls_config", "domain: d\ndescriptors:\n  - key: a\n    value: x\n    rate_l
 add("rls_config", "domain: d\ndescriptors:\n  - key: k\n    value: pre*\n    share_threshold: true\n"
     "    rate_limit: {unit: second, requests_per_unit: 1}\n\n#descriptor\nk=prefix")
 
+# lease_answer: cost byte (1 + b % 4), step byte (ms between requests / 50), then the
+# `/v1/lease` answer body.
+for cost, step, a in [(0, 4, {"allowed": True, "remaining": 90, "granted": 10, "lease_id": "l-1",
+                               "expires_at_ms": 1700000005000, "headers": {"x-quota-remaining": "90"}}),
+                      (3, 40, {"allowed": True, "granted": 7, "lease_id": "l-2", "expires_at_ms": 1700000001000}),
+                      (1, 255, {"allowed": True, "granted": 1, "lease_id": "l-3", "expires_at_ms": 1699999999000}),
+                      (0, 1, {"allowed": True, "granted": 18446744073709551615, "lease_id": "l-4",
+                              "expires_at_ms": 18446744073709551615}),
+                      (2, 10, {"allowed": True, "granted": 100, "lease_id": "x", "expires_at_ms": 0}),
+                      (0, 0, {"allowed": False, "status": 429, "error": "rate_limit_exceeded", "retry_after_s": 3})]:
+    add("lease_answer", bytes([cost, step]) + json.dumps(a).encode())
+
+
+# rls_request: a ShouldRateLimit request in protobuf bytes, as Envoy sends it
+# (envoy.service.ratelimit.v3.RateLimitRequest), against the configs in quota/tests/rls_configs.
+def varint(n):
+    out = b""
+    while True:
+        b = n & 0x7f
+        n >>= 7
+        if n:
+            out += bytes([b | 0x80])
+        else:
+            return out + bytes([b])
+
+
+def field(num, payload):
+    if isinstance(payload, int):
+        return varint(num << 3) + varint(payload)
+    if isinstance(payload, str):
+        payload = payload.encode()
+    return varint(num << 3 | 2) + varint(len(payload)) + payload
+
+
+def rls(domain, descriptors, hits=None):
+    out = field(1, domain)
+    for d in descriptors:
+        entries, over, dh = (d + (None, None))[:3] if isinstance(d, tuple) else (d, None, None)
+        body = b"".join(field(1, field(1, k) + field(2, v)) for k, v in entries)
+        if over:
+            body += field(2, field(1, over[0]) + field(2, over[1]))
+        if dh is not None:
+            body += field(3, field(1, dh))
+        out += field(2, body)
+    if hits is not None:
+        out += field(3, hits)
+    return out
+
+
+for req in [rls("mongo_cps", [[("database", "users")]]),
+            rls("messaging", [[("message_type", "marketing"), ("to_number", "2061234567")]], 3),
+            rls("edge_proxy_per_ip", [[("remote_address", "50.0.0.5")], [("remote_address", "1.2.3.4")]]),
+            rls("example4", [[("key", "value"), ("subkey", "subvalue")]]),
+            rls("example5", [[("key1", "value1")], [("key2", "value2")]], 1000),
+            rls("internal", [[("ldap", "x")], [("azure", "y")]]),
+            rls("example7", [[("key1", "value1"), ("user", "alice")], [("user", "admin")]]),
+            rls("example8", [[("path", "/foo/baz")], [("path", "/foo/bar")]]),
+            rls("example9", [[("files", "/files/a")], [("files", "/docs/b")]]),
+            rls("mongo_cps", [([("database", "users")], (3, 1), 0)]),
+            rls("nowhere", [([("k", "v")], (1, 2))]),
+            rls("mongo_cps", []),
+            rls("", [[("database", "users")]])]:
+    add("rls_request", req)
+
 for target, items in seeds.items():
     d = os.path.join(OUT, target)
     os.makedirs(d, exist_ok=True)

@@ -25,7 +25,7 @@ use std::sync::OnceLock;
 pub type Target = fn(&[u8]);
 
 /// Every target, by the name its `fuzz/fuzz_targets/<name>.rs` and `fuzz/corpus/<name>/` use.
-pub const TARGETS: [(&str, Target); 8] = [
+pub const TARGETS: [(&str, Target); 9] = [
     ("config", config),
     ("jwt", jwt),
     ("jwks", jwks),
@@ -34,6 +34,7 @@ pub const TARGETS: [(&str, Target); 8] = [
     ("client_ip", client_ip),
     ("webhook", webhook),
     ("quota_answer", quota_answer),
+    ("lease_answer", lease_answer),
 ];
 
 fn text(data: &[u8]) -> std::borrow::Cow<'_, str> {
@@ -960,4 +961,84 @@ mod tests {
             ))
         );
     }
+}
+
+// ------------------------------------------------------------------------------ lease answer
+
+/// The quota service's `/v1/lease` answer, then the lease spent the way the filter spends it
+/// (`quota_lease`: install, takes across time, expiry sweep). Byte 0 picks the request's cost,
+/// byte 1 the time between requests; the rest is the answer. Whatever the answer says, no
+/// unit is spent after the lease ends (or after the filter's own maximum life), and every
+/// granted unit is either spent once or released once: spent + released = granted.
+pub fn lease_answer(data: &[u8]) {
+    use crate::quota_client::{parse_answer, Answer};
+    use crate::quota_lease::{self, Job, Owner, Take, MAX_LIFE_MS, SLOTS};
+    let (Some(&b0), Some(&b1)) = (data.first(), data.get(1)) else {
+        return;
+    };
+    let cost = 1 + u64::from(b0 % 4);
+    let step = u64::from(b1) * 50;
+    let Ok(Answer::Allow {
+        lease: Some(g),
+        headers,
+        ..
+    }) = parse_answer(200, &data[2..])
+    else {
+        return;
+    };
+    // `check_lease_answer` refuses a lease smaller than the asking request's cost.
+    if g.granted < cost {
+        return;
+    }
+    assert!(!g.id.is_empty() && g.id.len() <= 128);
+    let store = MemoryStore::new();
+    quota_lease::prepare(&store);
+    let who = Owner {
+        client: "fuzz-client",
+        tier: "t",
+        route: "r",
+    };
+    let t0: u64 = 1_700_000_000_000;
+    let released_of = |jobs: Vec<Job>| -> u64 {
+        jobs.iter()
+            .map(|j| match j {
+                Job::Release { id, units, .. } => {
+                    assert_eq!(id, &g.id, "a release of a lease never granted");
+                    *units
+                }
+                Job::Refresh { want, .. } => {
+                    assert!(*want >= cost);
+                    0
+                }
+            })
+            .sum()
+    };
+    // The asking request spent `cost` of it.
+    let out = quota_lease::install(&store, who, &g, cost, &headers, t0);
+    assert!(out.len() <= 16 + 4);
+    let mut spent = u128::from(cost);
+    let mut released = 0u128;
+    let mut now = t0;
+    for _ in 0..64 {
+        now += step;
+        match quota_lease::take(&store, who, cost, now) {
+            Take::Taken { .. } => {
+                assert!(
+                    now < g.expires_at_ms && now < t0 + MAX_LIFE_MS,
+                    "a unit spent after its lease ended"
+                );
+                spent += u128::from(cost);
+            }
+            Take::Need { want } => assert!(want >= cost),
+        }
+        released += u128::from(released_of(quota_lease::take_jobs(&store)));
+    }
+    // Past every possible end: the sweep gives back whatever is still held.
+    quota_lease::sweep(&store, 0, SLOTS, t0 + MAX_LIFE_MS + now + 1);
+    released += u128::from(released_of(quota_lease::take_jobs(&store)));
+    assert_eq!(
+        spent + released,
+        u128::from(g.granted),
+        "granted units lost or counted twice (spent {spent}, released {released})"
+    );
 }

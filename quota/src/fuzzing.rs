@@ -16,10 +16,11 @@ use tower::ServiceExt as _;
 pub type Target = fn(&[u8]);
 
 /// Every target, by the name its `fuzz/fuzz_targets/<name>.rs` and `fuzz/corpus/<name>/` use.
-pub const TARGETS: [(&str, Target); 3] = [
+pub const TARGETS: [(&str, Target); 4] = [
     ("quota_api", quota_api),
     ("quota_config", quota_config),
     ("rls_config", rls_config),
+    ("rls_request", rls_request),
 ];
 
 const ADMIN_TOKEN: &str = "fuzz-admin-token-0123456789";
@@ -269,5 +270,102 @@ pub fn rls_config(data: &[u8]) {
             want,
             "matcher disagrees with the tree walk"
         );
+    }
+}
+
+/// The configs `rls_request` decides against: the README-shaped examples the RLS tests use.
+fn rls_fixture() -> &'static RlsConfig {
+    static C: OnceLock<RlsConfig> = OnceLock::new();
+    C.get_or_init(|| {
+        let mut c = RlsConfig::default();
+        for (name, text) in [
+            ("1", include_str!("../tests/rls_configs/1_mongo_cps.yaml")),
+            ("2", include_str!("../tests/rls_configs/2_messaging.yaml")),
+            (
+                "3",
+                include_str!("../tests/rls_configs/3_edge_proxy_per_ip.yaml"),
+            ),
+            (
+                "4",
+                include_str!("../tests/rls_configs/4_nested_header.yaml"),
+            ),
+            ("5", include_str!("../tests/rls_configs/5_shadow.yaml")),
+            ("6", include_str!("../tests/rls_configs/6_unlimited.yaml")),
+            ("7", include_str!("../tests/rls_configs/7_replaces.yaml")),
+            ("8", include_str!("../tests/rls_configs/8_wildcard.yaml")),
+            (
+                "9",
+                include_str!("../tests/rls_configs/9_share_threshold.yaml"),
+            ),
+        ] {
+            c.add(name, text).expect("the RLS test configs load");
+        }
+        c
+    })
+}
+
+/// A `ShouldRateLimit` request as Envoy sends it (protobuf bytes), decided by the real
+/// service code on a fresh memory store at a fixed time, twice. A refusal is
+/// INVALID_ARGUMENT with a message; an answer has one status per descriptor, in order, is
+/// over the limit overall exactly when a status is, never reports more remaining than its
+/// limit, and the same request again at the same instant is never less restricted.
+pub fn rls_request(data: &[u8]) {
+    use crate::metrics::Metrics;
+    use crate::rls::service::RlsService;
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+    use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+    use prost::Message as _;
+    let Ok(req) = RateLimitRequest::decode(data) else {
+        return;
+    };
+    let svc = RlsService::new(
+        Arc::new(rls_fixture().clone()),
+        Arc::new(MemoryStore::new(10_000)),
+        Arc::new(Metrics::new()),
+        Arc::new(|| 1_700_000_000_000),
+    );
+    let s = service();
+    let check = |r: &Result<RateLimitResponse, tonic::Status>| -> Option<RateLimitResponse> {
+        match r {
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+                assert!(!e.message().is_empty());
+                None
+            }
+            Ok(resp) => {
+                assert_eq!(resp.statuses.len(), req.descriptors.len());
+                let any_over = resp
+                    .statuses
+                    .iter()
+                    .any(|st| st.code == Code::OverLimit as i32);
+                assert_eq!(resp.overall_code == Code::OverLimit as i32, any_over);
+                for st in &resp.statuses {
+                    assert!(st.code == Code::Ok as i32 || st.code == Code::OverLimit as i32);
+                    if let Some(l) = &st.current_limit {
+                        assert!(st.limit_remaining <= l.requests_per_unit);
+                    }
+                }
+                Some(resp.clone())
+            }
+        }
+    };
+    let first = check(&s.rt.block_on(svc.decide(&req)));
+    let second = check(&s.rt.block_on(svc.decide(&req)));
+    match (first, second) {
+        (Some(a), Some(b)) => {
+            for (x, y) in a.statuses.iter().zip(&b.statuses) {
+                if x.code == Code::OverLimit as i32 {
+                    assert_eq!(y.code, x.code, "a denial turned into an admission");
+                }
+                if x.current_limit.is_some() {
+                    assert!(
+                        y.limit_remaining <= x.limit_remaining,
+                        "the counter went back"
+                    );
+                }
+            }
+        }
+        (None, None) => {}
+        _ => panic!("the same request was refused once and decided once"),
     }
 }
