@@ -8,7 +8,8 @@
 # Then bench/quota.sh (the quota service's /v1/check against memory and Redis; BENCH_SECS
 # seconds per run, BENCH_QUOTA=0 skips it), whose figures join the report, and bench/rls.sh
 # (ShouldRateLimit over gRPC, and Envoy's native ratelimit filter against the service beside
-# the same Envoy without it; target/bench/rls.json, merged into the report too).
+# the same Envoy without it; target/bench/rls.json, merged into the report too), and
+# bench/memory.py (Envoy's RSS under 1M client IPs and 100k clients; BENCH_MEMORY=0 skips it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -57,6 +58,14 @@ if [ "${BENCH_QUOTA:-1}" != 0 ]; then
   say "running the rate limit service bench (bench/rls.sh)"
   nice -n "${BENCH_NICE:-0}" bench/rls.sh --json target/bench/rls.json
   python3 bench/bench.py --out "$out" --add-rls target/bench/rls.json
+fi
+if [ "${BENCH_MEMORY:-1}" != 0 ]; then
+  say "measuring Envoy's memory under 1M client IPs and 100k clients (bench/memory.py)"
+  out=docs; prev=""
+  for arg in "$@"; do [ "$prev" = --out ] && out="$arg"; prev="$arg"; done
+  mkdir -p target/bench
+  nice -n "${BENCH_NICE:-0}" python3 bench/memory.py --json target/bench/memory.json
+  python3 bench/bench.py --out "$out" --add-memory target/bench/memory.json
 fi
 say "drawing docs/benchmarks.png"
 PYTHONPATH="$PY" python3 bench/plot.py docs/benchmarks.json docs/benchmarks.png

@@ -42,8 +42,10 @@ impl Action {
 
 /// How much a `tighten` multiplies the cost of the per-client limits.
 pub const TIGHTEN_COST_FACTOR: u64 = 2;
-/// Largest `tracked_clients` (about 1 MiB of shared data at the largest `max_distinct_ips`).
-pub const MAX_TRACKED: u32 = 1 << 16;
+/// Largest `tracked_clients`: 262,144 entries of `18 + 4 × max_distinct_ips` bytes, about
+/// 26 MiB of shared data at `max_distinct_ips` 20 (72 MiB at the largest), for deployments
+/// with 100k+ active keys (bench/memory.py runs 100k clients).
+pub const MAX_TRACKED: u32 = 1 << 18;
 
 /// The compiled `abuse` section.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
