@@ -899,70 +899,6 @@ pub fn quota_answer(data: &[u8]) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    // The oracles must be able to say yes, or "accepted ⇒ oracle" would hold vacuously.
-
-    #[test]
-    fn the_jwt_oracles_accept_a_token_the_verifier_accepts() {
-        let f = jwt_fixture();
-        let claims =
-            serde_json::json!({"iss": ISSUER, "aud": "api", "sub": "u", "exp": NOW_S + 10});
-        let input = format!(
-            "{}.{}",
-            URL_SAFE_NO_PAD.encode(r#"{"alg":"HS256","kid":"hs"}"#),
-            URL_SAFE_NO_PAD.encode(claims.to_string())
-        );
-        let token = format!(
-            "{input}.{}",
-            URL_SAFE_NO_PAD.encode(hmac256(HS_SECRET, &[input.as_bytes()]))
-        );
-        assert!(jwt::verify(&token, &f.rules, &f.keys, NOW_S).is_ok());
-        assert!(jwt_signature_valid(&token, f));
-        assert!(jwt_claims_valid(&claims));
-        assert!(!jwt_signature_valid(&token.replace(".ey", ".eY"), f));
-    }
-
-    #[test]
-    fn the_webhook_oracle_accepts_what_a_sender_signs_and_nothing_else() {
-        for (scheme, ed) in [
-            ("github", false),
-            ("stripe", false),
-            ("standard", false),
-            ("standard", true),
-            ("slack", false),
-        ] {
-            let k = webhook_key(scheme, b"key-bytes", ed);
-            let vals = webhook_sign(scheme, &k, WEBHOOK_NOW_S, "msg_1", b"{\"a\":1}");
-            let refs: Vec<Option<&str>> = vals.iter().map(|v| Some(v.as_str())).collect();
-            assert!(webhook_oracle(scheme, &k, &refs, b"{\"a\":1}"), "{scheme}");
-            assert!(!webhook_oracle(scheme, &k, &refs, b"{\"a\":2}"), "{scheme}");
-        }
-    }
-
-    #[test]
-    fn the_origin_oracle_reads_origins() {
-        assert_eq!(
-            oracle_origin("HTTPS://App.Example.com"),
-            Some((
-                "https".into(),
-                OracleHost::Name("app.example.com".into()),
-                Some(443)
-            ))
-        );
-        assert_eq!(
-            oracle_origin("http://[::1]:8080"),
-            Some((
-                "http".into(),
-                OracleHost::V6(Ipv6Addr::LOCALHOST),
-                Some(8080)
-            ))
-        );
-    }
-}
-
 // ------------------------------------------------------------------------------ lease answer
 
 /// The quota service's `/v1/lease` answer, then the lease spent the way the filter spends it
@@ -1041,4 +977,68 @@ pub fn lease_answer(data: &[u8]) {
         u128::from(g.granted),
         "granted units lost or counted twice (spent {spent}, released {released})"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The oracles must be able to say yes, or "accepted ⇒ oracle" would hold vacuously.
+
+    #[test]
+    fn the_jwt_oracles_accept_a_token_the_verifier_accepts() {
+        let f = jwt_fixture();
+        let claims =
+            serde_json::json!({"iss": ISSUER, "aud": "api", "sub": "u", "exp": NOW_S + 10});
+        let input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(r#"{"alg":"HS256","kid":"hs"}"#),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
+        let token = format!(
+            "{input}.{}",
+            URL_SAFE_NO_PAD.encode(hmac256(HS_SECRET, &[input.as_bytes()]))
+        );
+        assert!(jwt::verify(&token, &f.rules, &f.keys, NOW_S).is_ok());
+        assert!(jwt_signature_valid(&token, f));
+        assert!(jwt_claims_valid(&claims));
+        assert!(!jwt_signature_valid(&token.replace(".ey", ".eY"), f));
+    }
+
+    #[test]
+    fn the_webhook_oracle_accepts_what_a_sender_signs_and_nothing_else() {
+        for (scheme, ed) in [
+            ("github", false),
+            ("stripe", false),
+            ("standard", false),
+            ("standard", true),
+            ("slack", false),
+        ] {
+            let k = webhook_key(scheme, b"key-bytes", ed);
+            let vals = webhook_sign(scheme, &k, WEBHOOK_NOW_S, "msg_1", b"{\"a\":1}");
+            let refs: Vec<Option<&str>> = vals.iter().map(|v| Some(v.as_str())).collect();
+            assert!(webhook_oracle(scheme, &k, &refs, b"{\"a\":1}"), "{scheme}");
+            assert!(!webhook_oracle(scheme, &k, &refs, b"{\"a\":2}"), "{scheme}");
+        }
+    }
+
+    #[test]
+    fn the_origin_oracle_reads_origins() {
+        assert_eq!(
+            oracle_origin("HTTPS://App.Example.com"),
+            Some((
+                "https".into(),
+                OracleHost::Name("app.example.com".into()),
+                Some(443)
+            ))
+        );
+        assert_eq!(
+            oracle_origin("http://[::1]:8080"),
+            Some((
+                "http".into(),
+                OracleHost::V6(Ipv6Addr::LOCALHOST),
+                Some(8080)
+            ))
+        );
+    }
 }
