@@ -1247,6 +1247,11 @@ def memory_section(m):
         L.append(f"- {r['label']}, {r.get('profile', '')} tables: "
                  f"{picked or 'no table was ever full'}.")
     L.append("")
+    # Say how many non-2xx were api-guard's own denials, so none is mistaken for one.
+    if any(r["non_2xx"] for r in m["runs"]) and all("denied" in r for r in m["runs"]):
+        L.append("api-guard's own denials (`api_guard.denied.*`): " + ", ".join(
+            f"{r['label']} {r.get('profile', '')} {r['denied']:,}" for r in m["runs"])
+            + "; any other non-2xx answer came from Envoy or the upstream.\n")
     return L
 
 def rls_service_section(runs, machine_):

@@ -137,6 +137,13 @@ def guard_stats(admin):
     return out
 
 
+def denied_total(admin):
+    """Every `api_guard.denied.<code>` counter summed (absent counters count 0)."""
+    body = bench.get_body(admin, "/stats?format=json&filter=api_guard.denied")
+    return sum(s.get("value", 0) for s in json.loads(body).get("stats", [])
+               if "api_guard.denied." in s.get("name", ""))
+
+
 PROFILES = {"default": (16384, 4096), "sized": (1 << 20, 131072)}
 
 
@@ -211,6 +218,8 @@ def run_one(label, wrap, profile, args, work, upstream_port, tokens_path):
             "rss_after_kib": end,
             "samples": samples,
             "stats": guard_stats(e.admin),
+            # api-guard's own denials, so a non-2xx is not mistaken for one (or missed).
+            "denied": denied_total(e.admin),
         }
         if e.proc.poll() is not None:
             raise RuntimeError(f"{label}: Envoy exited during the run: {e.log_tail()}")
