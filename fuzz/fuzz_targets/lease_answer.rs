@@ -1,2 +1,2 @@
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| api_guardlease_answer::fuzzing::(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| api_guard::fuzzing::lease_answer(data));
