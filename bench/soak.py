@@ -238,6 +238,13 @@ def port_open(port):
         return True
 
 
+def die_with_parent():
+    """In the child before exec: SIGKILL it if the soak itself dies (even by SIGKILL), so no
+    Envoy, Redis or wrk outlives it."""
+    import ctypes
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 class Proc:
     """A child process we own; stop() always ends it (SIGTERM, then SIGKILL)."""
 
@@ -246,7 +253,7 @@ class Proc:
         self.log_path = log_path
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL,
                                      stdout=stdout or open(log_path, "a"), stderr=stderr,
-                                     env=env)
+                                     env=env, preexec_fn=die_with_parent)
 
     def alive(self):
         return self.proc.poll() is None
@@ -797,8 +804,20 @@ def fault_hot_restart(ctx):
             f"old epoch exited with {rc}")
 
 
-FAULTS = [("quota_restart", 0.2, fault_quota), ("redis_restart", 0.45, fault_redis),
-          ("envoy_hot_restart", 0.7, fault_hot_restart)]
+FAULTS = [("quota_restart", fault_quota), ("redis_restart", fault_redis),
+          ("envoy_hot_restart", fault_hot_restart)]
+FAULT_CYCLE_S = 120  # one round of the three faults per this many seconds of a delivery
+
+
+def fault_schedule(seconds):
+    """(offset in s, name, fn): rounds of the three faults, evenly spread, each at least once;
+    the last ends well before the traffic does (a hot restart takes ~PARENT_SHUTDOWN_S)."""
+    rounds = max(1, int(seconds // FAULT_CYCLE_S))
+    out = []
+    for r in range(rounds):
+        for i, (name, fn) in enumerate(FAULTS):
+            out.append(((r + (0.2 + 0.25 * i)) / rounds * seconds, name, fn))
+    return out
 
 
 def run_delivery(delivery, seconds, work, ctx, sampler, t_start, ip_offset):
@@ -828,8 +847,8 @@ def run_delivery(delivery, seconds, work, ctx, sampler, t_start, ip_offset):
                 HOOK_THREADS),
             Wrk("public", lua_public(2, ip_offset), dwork, port, seconds, 2, 8),
         ]
-        for name, at, fn in FAULTS:
-            wait_until = t0 + at * seconds
+        for at, name, fn in fault_schedule(seconds):
+            wait_until = t0 + at
             while time.time() < wait_until:
                 time.sleep(0.2)
             fs = time.time()
@@ -985,7 +1004,7 @@ def check_traffic(runs):
                 problems.append(f"{r['delivery']}: {five} {t['kind']} requests answered 500 "
                                 "(internal_error: a caught panic)")
         names = [f["name"] for f in r["faults"]]
-        for name, _, _ in FAULTS:
+        for name, _ in FAULTS:
             if name not in names:
                 problems.append(f"{r['delivery']}: fault {name} did not happen")
     return {"ok": not problems, "problems": problems}
