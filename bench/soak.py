@@ -416,6 +416,11 @@ class HotEnvoy:
     def stop(self):
         for e in self.epochs:
             e["proc"].stop()
+        # Envoy leaves its hot-restart shared memory behind when the last epoch is not 0.
+        if self.base_id is not None:
+            shm = f"/dev/shm/envoy_shared_memory_{self.base_id * 10}"
+            if os.path.exists(shm):
+                os.unlink(shm)
 
     def unexpected_exits(self):
         """Processes that ended on their own, except superseded parents ending cleanly."""
@@ -580,7 +585,12 @@ function setup(thread)
   counter = counter + 1
   table.insert(threads, thread)
 end
-function count(status)
+function count(status, body)
+  -- A 503 is the filter failing closed (quota_unavailable) or something else (Envoy's own
+  -- "upstream connect error", backend_overloaded): told apart as "503" and "503x".
+  if status == 503 and not string.find(body or "", "quota_unavailable", 1, true) then
+    status = "503x"
+  end
   local key = os.time() .. ":" .. status
   stats[key] = (stats[key] or 0) + 1
 end
@@ -627,7 +637,7 @@ function request()
   end
   return wrk.format("GET", "/api/orders", h)
 end
-function response(status, headers, body) count(status) end
+function response(status, headers, body) count(status, body) end
 """
 
 
@@ -670,7 +680,7 @@ function request()
     prefix .. id .. suffix)
 end
 function response(status, headers, body)
-  count(status)
+  count(status, body)
   if pending then
     if status >= 200 and status < 300 and not string.find(body, pending, 1, true) then
       out:write(pending, " mismatch\\n")
@@ -706,7 +716,7 @@ function request()
   end
   return wrk.format("GET", "/ip/orders", {{["x-forwarded-for"] = ip, ["origin"] = "{ORIGIN}"}})
 end
-function response(status, headers, body) count(status) end
+function response(status, headers, body) count(status, body) end
 """
 
 
@@ -934,7 +944,15 @@ def check_logs(runs):
                 if any(re.search(p, line) for p in LOG_PATTERNS):
                     hits.append(f"{r['delivery']} epoch {lg['epoch']}: {line[:300]}")
         hits += [f"{r['delivery']}: {x}" for x in r["exits"]]
+    # What Envoy did log (level warning and up), each distinct message once, for the report.
+    seen = {}
+    for r in runs:
+        for lg in r["logs"]:
+            for line in lg["text"].splitlines():
+                msg = re.sub(r"^\[[^]]*\]\[\d+\]", "", line).strip()[:200]
+                seen[msg] = seen.get(msg, 0) + 1
     return {"ok": not hits, "problems": hits[:20], "patterns": LOG_PATTERNS,
+            "messages": sorted(seen.items(), key=lambda kv: -kv[1])[:10],
             "log_lines": sum(len(lg["text"].splitlines()) for r in runs for lg in r["logs"])}
 
 
@@ -1159,6 +1177,9 @@ def report(res, path):
     for name in ("limits", "logs", "memory", "webhooks", "traffic"):
         for p in c[name]["problems"]:
             L.append(f"\n- **{name}**: {p}")
+    if lg["messages"]:
+        L += ["", "What Envoy logged (warning and up; each distinct message, with its count):",
+              ""] + [f"- {n} × `{msg}`" for msg, n in lg["messages"]]
     L += ["", "## Requests", "", "| delivery | kind | sent | answers by status | socket "
           "errors |", "|---|---|---|---|---|"]
     for s in res["summary"]:
@@ -1287,7 +1308,20 @@ def main():
         for name in ("upstream", "quota", "redis"):
             if name in ctx:
                 (ctx[name].p if name != "redis" else ctx[name]).stop()
+        keep_logs(work, os.path.join(os.path.dirname(os.path.abspath(a.json)), "logs"))
         shutil.rmtree(work, ignore_errors=True)
+
+
+def keep_logs(work, dest):
+    """Every process's log (Envoy per delivery and epoch, quota service, Redis, wrk outputs)
+    next to the JSON, for a look after a failure."""
+    shutil.rmtree(dest, ignore_errors=True)
+    os.makedirs(dest, exist_ok=True)
+    for root, _, files in os.walk(work):
+        for f in files:
+            if f.endswith((".log", ".wrk.txt")):
+                rel = os.path.relpath(os.path.join(root, f), work).replace(os.sep, "-")
+                shutil.copy(os.path.join(root, f), os.path.join(dest, rel))
 
 
 if __name__ == "__main__":
