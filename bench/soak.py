@@ -863,10 +863,14 @@ def run_delivery(delivery, seconds, work, ctx, sampler, t_start, ip_offset):
                 time.sleep(0.2)
             fs = time.time()
             log(f"{delivery}: fault {name}")
-            detail = fn(ctx)
+            try:
+                detail, failed = fn(ctx), False
+            except Exception as ex:  # recorded and reported: the checks still run
+                detail, failed = f"FAILED: {ex}", True
             fe = time.time()
             res["faults"].append({"name": name, "start": round(fs - t_start, 2),
-                                  "end": round(fe - t_start, 2), "detail": detail})
+                                  "end": round(fe - t_start, 2), "detail": detail,
+                                  "failed": failed})
             log(f"{delivery}: {detail} ({fe - fs:.1f} s)")
         res["traffic"] = [w.result() for w in wrks]
         res["t_end"] = round(time.time() - t_start, 1)
@@ -1021,7 +1025,9 @@ def check_traffic(runs):
             if five:
                 problems.append(f"{r['delivery']}: {five} {t['kind']} requests answered 500 "
                                 "(internal_error: a caught panic)")
-        names = [f["name"] for f in r["faults"]]
+        names = [f["name"] for f in r["faults"] if not f["failed"]]
+        problems += [f"{r['delivery']}: {f['name']} {f['detail']}" for f in r["faults"]
+                     if f["failed"]]
         for name, _ in FAULTS:
             if name not in names:
                 problems.append(f"{r['delivery']}: fault {name} did not happen")
@@ -1079,6 +1085,8 @@ def rates(runs, counts, t_start):
             for sec, s in t["per_sec"].items():
                 rel = int(sec) - int(t_start)
                 by.setdefault(t["kind"], {})[rel] = sum(s.values())
+                ref = by.setdefault("refused 503 (all kinds)", {})
+                ref[rel] = ref.get(rel, 0) + s.get("503", 0)
     up = {int(s) - int(t_start): n for s, n in counts["per_sec"].items()}
     return {k: sorted(v.items()) for k, v in by.items()}, sorted(up.items())
 
@@ -1087,7 +1095,7 @@ def chart(res, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(12, 7), sharex=True)
     for d, color in (("wasm", "#ff7f0e"), ("native", "#d62728")):
         for ep in sorted({s[2] for s in res["rss_samples"] if s[1] == d}):
             pts = [(s[0], s[3] / 1024) for s in res["rss_samples"] if s[1] == d and s[2] == ep]
@@ -1098,8 +1106,8 @@ def chart(res, path):
     ax1.axhline(res["checks"]["memory"]["bound_mib"], color="grey", linestyle=":",
                 label="bound")
     ax1.set_ylabel("Envoy VmRSS (MiB)")
-    ax1.set_ylim(bottom=0)
-    ax1.legend(fontsize=8, loc="upper left")
+    ax1.set_ylim(0, res["checks"]["memory"]["bound_mib"] * 1.1)
+    ax1.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     by_kind, up = res["rates"]
     for kind, pts in by_kind.items():
         if pts:
@@ -1109,12 +1117,15 @@ def chart(res, path):
                  color="black")
     ax2.set_ylabel("requests per second")
     ax2.set_xlabel("seconds since the soak started")
-    ax2.legend(fontsize=8, loc="upper left")
+    ax2.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    top = ax1.get_ylim()[1]
     for r in res["runs"]:
+        ax1.annotate("wasm filter" if r["delivery"] == "wasm" else "dynamic module",
+                     (r["t_begin"], top * 0.55), fontsize=9)
         for f in r["faults"]:
             for ax in (ax1, ax2):
                 ax.axvspan(f["start"], f["end"], color="red", alpha=0.15)
-            ax1.annotate(f["name"].replace("_", " "), (f["start"], ax1.get_ylim()[1] * 0.95),
+            ax1.annotate(f["name"].replace("_", " "), (f["start"], top * 0.97),
                          fontsize=7, rotation=90, va="top")
     fig.suptitle("api-guard soak: Envoy RSS and request rates; faults shaded")
     fig.tight_layout()
@@ -1281,8 +1292,10 @@ def main():
             "rates": rates(runs, counts, t_start),
             "runs": [{k: v for k, v in r.items()
                       if k not in ("logs", "hook_outcomes", "traffic")} | {
-                "traffic": [{k: v for k, v in t.items() if k != "per_sec"}
-                            for t in r["traffic"]]} for r in runs],
+                "traffic": [{k: v for k, v in t.items() if k != "per_sec"} | {
+                    "per_sec": {int(sec) - int(t_start): st
+                                for sec, st in sorted(t["per_sec"].items())}}
+                    for t in r["traffic"]]} for r in runs],
         }
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
         with open(a.json, "w") as f:
@@ -1297,6 +1310,8 @@ def main():
             log(f"check {name}: {'pass' if c['ok'] else 'FAIL'}"
                 + "".join(f"\n    {p}" for p in c["problems"]))
         log(f"report: {os.path.join(a.out, 'soak.md')}, raw: {a.json}")
+        failed = [n for n, c in checks.items() if not c["ok"]]
+        log("soak: PASS" if not failed else f"soak: FAIL ({', '.join(failed)})")
         return 0 if res["ok"] else 1
     except KeyboardInterrupt:
         log("interrupted: stopping everything")
