@@ -209,7 +209,9 @@ def serve_upstream(port):
     server = loop.run_until_complete(
         loop.create_server(UpstreamConn, "127.0.0.1", port, backlog=1024))
     print("ready", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: loop.stop())
+    # Through the loop's wakeup fd: a plain signal.signal handler would not wake select().
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, loop.stop)
     try:
         loop.run_forever()
     finally:
@@ -443,7 +445,7 @@ def tail(path, n=15):
 # Configuration
 
 
-def filter_config(phase, api_keys):
+def filter_config(phase, api_keys, failure_mode="deny"):
     big = 1000000000
     return {
         "client_ip": {"xff_trusted_hops": 1, "use_remote_address": True},
@@ -462,7 +464,7 @@ def filter_config(phase, api_keys):
         # Leases (the default mode) and fail closed: the route's promise is "never over the
         # limit", also while the service or Redis is down.
         "quota": {"cluster": "quota", "authority": "quota", "timeout_ms": 250,
-                  "failure_mode": "deny", "mode": "lease",
+                  "failure_mode": failure_mode, "mode": "lease",
                   "breaker": {"failures": 5, "open_ms": 1000}},
         "rate_limits": {
             "per-ip-sliding": {"key": ["ip"], "algorithm": "sliding_window", "limit": big,
@@ -839,7 +841,7 @@ def run_delivery(delivery, seconds, work, ctx, sampler, t_start, ip_offset):
     tok, forged, keysf, keys = make_credentials(dwork, phase, seconds)
     pool = make_webhook_pool(dwork, phase, seconds)
     port = bench.free_port()
-    cfg = envoy_config(wrap(filter_config(phase, keys)), port, ctx["upstream"].port,
+    cfg = envoy_config(wrap(filter_config(phase, keys, ctx["failure_mode"])), port, ctx["upstream"].port,
                        ctx["quota"].port)
     env = HotEnvoy(f"envoy-{delivery}", cfg, dwork, port)
     ctx["envoy"] = env
@@ -1148,7 +1150,7 @@ def report(res, path):
         "(api-guard-quota, release build) on Redis (AOF), a counting upstream "
         "(bench/soak.py --serve-upstream). wrk sends at once: *api* (valid HS256 JWTs of "
         f"{PER_EPOCH} clients that change every {ROTATE_S} s, forged JWTs, valid and unknown "
-        "API keys; route with `quota: true`, lease mode, `failure_mode: deny`), *webhook* "
+        f"API keys; route with `quota: true`, lease mode, `failure_mode: {res['failure_mode']}`), *webhook* "
         "(GitHub-signed deliveries with unique ids, every 10th forged) and *public* (a new "
         "client IP per request through two per-IP limits, 1 in 10 a CORS preflight from the "
         "allowed origin, 1 in 10 from a refused one). Global limits (quota service): tier "
@@ -1233,6 +1235,10 @@ def main():
     ap.add_argument("--out", default=os.path.join(REPO, "docs"),
                     help="where soak.md and soak.png go")
     ap.add_argument("--json", default=os.path.join(REPO, "target/soak/soak.json"))
+    ap.add_argument("--failure-mode", choices=["deny", "allow"], default="deny",
+                    help="the route's quota failure_mode; `allow` is a negative control: "
+                         "clients then pass their limits while the service is down, and "
+                         "the limits check must fail")
     ap.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.serve_upstream:
@@ -1251,11 +1257,13 @@ def main():
     per = a.seconds / len(deliveries)
 
     work = tempfile.mkdtemp(prefix="api-guard-soak-")
-    ctx = {}
+    ctx = {"failure_mode": a.failure_mode}
     # SIGTERM/SIGHUP end the run like Ctrl-C does: through the finally below.
     def interrupted(*_):
         raise KeyboardInterrupt()
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    # Ctrl-C, SIGTERM, SIGHUP end the run through the finally below (SIGINT set explicitly:
+    # a shell starts background jobs with it ignored).
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, interrupted)
     t_start = time.time()
     sampler = Sampler(t_start)
@@ -1284,6 +1292,7 @@ def main():
         }
         res = {
             "started": started, "seconds": a.seconds, "wall_s": round(wall, 1),
+            "failure_mode": a.failure_mode,
             "loadavg_before": load0, "loadavg_after": open("/proc/loadavg").read().split()[:3],
             "ok": all(c["ok"] for c in checks.values()), "checks": checks,
             "summary": summarize(runs, counts, sampler.samples, t_start),
