@@ -52,6 +52,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402  (paths, Envoy filter config builders, HTTP helpers)
@@ -408,6 +409,9 @@ class HotEnvoy:
 
     def hot_restart(self):
         old = self.epochs[-1]
+        # Counters are per process (the child does not inherit the filter's or the quota
+        # cluster's): read the parent's now; what it counts while draining is not seen.
+        old["stats"] = guard_stats(old["admin"])
         self._start(old["epoch"] + 1)
         old["superseded"] = True
         return old
@@ -882,7 +886,11 @@ def run_delivery(delivery, seconds, work, ctx, sampler, t_start, ip_offset):
             if os.path.exists(p):
                 hook_outcomes += [l.split() for l in open(p) if l.strip()]
         res["hook_outcomes"] = hook_outcomes
-        res["stats"] = guard_stats(env.admin)
+        env.epochs[-1]["stats"] = guard_stats(env.admin)
+        res["stats"] = {}
+        for e in env.epochs:  # summed over the epochs
+            for k, v in e.get("stats", {}).items():
+                res["stats"][k] = res["stats"].get(k, 0) + v
     finally:
         for w in wrks:
             w.p.stop()
@@ -899,11 +907,26 @@ def run_delivery(delivery, seconds, work, ctx, sampler, t_start, ip_offset):
 
 
 def guard_stats(admin):
-    try:
-        body = json.loads(bench.get_body(admin, "/stats?format=json&filter=api_guard"))
-    except (OSError, ValueError, http.client.HTTPException):
-        return {}
-    return {s["name"]: s["value"] for s in body.get("stats", []) if "value" in s}
+    """The filter's counters and those of the `quota` cluster (how the callouts failed:
+    timeouts, refused connections, 5xx answers)."""
+    out = {}
+    for flt in ("api_guard", "^cluster\\.quota\\.upstream_(rq|cx)_"):
+        try:
+            body = json.loads(bench.get_body(
+                admin, "/stats?format=json&filter=" + urllib.parse.quote(flt)))
+        except (OSError, ValueError, http.client.HTTPException):
+            continue
+        out.update({s["name"]: s["value"] for s in body.get("stats", []) if "value" in s})
+    return out
+
+
+def callout_summary(stats):
+    """The quota callouts of one delivery in a few numbers (Envoy's cluster stats)."""
+    g = lambda k: stats.get(f"cluster.quota.{k}", 0)  # noqa: E731
+    unavailable = sum(v for k, v in stats.items() if k.endswith("api_guard.quota.unavailable"))
+    return {"requests": g("upstream_rq_total"), "timeouts": g("upstream_rq_timeout"),
+            "connect_failures": g("upstream_cx_connect_fail"), "answers_5xx": g("upstream_rq_5xx"),
+            "filter_quota_unavailable": unavailable}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1058,15 +1081,20 @@ def summarize(runs, counts, samples, t_start):
             # The fault's window: from its start until 3 s after recovery (breaker open_ms 1 s,
             # lease refresh timer, connection pools re-established).
             lo, hi = f["start"], f["end"] + 3
-            refused = {}
+            refused, answers, other = {}, {}, 0
             for t in r["traffic"]:
                 for sec, s in t["per_sec"].items():
                     rel = int(sec) - t_start
                     if lo - 1 <= rel <= hi:
                         for k, n in s.items():
+                            answers[t["kind"]] = answers.get(t["kind"], 0) + n
                             if k == "503":
                                 refused[t["kind"]] = refused.get(t["kind"], 0) + n
+                            elif k.startswith("5"):
+                                other += n
             f["refused_503"] = refused
+            f["answers"] = answers
+            f["other_5xx"] = other
         outside = 0
         for t in r["traffic"]:
             for sec, s in t["per_sec"].items():
@@ -1074,6 +1102,7 @@ def summarize(runs, counts, samples, t_start):
                 if not any(f["start"] - 1 <= rel <= f["end"] + 3 for f in r["faults"]):
                     outside += s.get("503", 0)
         out.append({"delivery": r["delivery"], "kinds": kinds, "faults": r["faults"],
+                    "callouts": callout_summary(r.get("stats", {})),
                     "refused_503_outside_faults": outside,
                     "seconds": round(r["t_end"] - r["t_begin"], 1)})
     return out
@@ -1169,7 +1198,8 @@ def report(res, path):
              f"{lim['max_ratio']:.2f}; " + "; ".join(
                  f"{t}: {v['keys']} clients, {v['at_limit']} at exactly the limit, "
                  f"{v['admitted']:,} admitted" for t, v in sorted(lim["by_tier"].items()))
-             + " |")
+             + " (a client below its limit lost leased units to a fault: under-admission, "
+             "which leases allow) |")
     lg = c["logs"]
     L.append(f"| 2. no panic, VM failure or crash in Envoy's logs; no unexpected exit | "
              f"{'pass' if lg['ok'] else 'FAIL'} | {lg['log_lines']} log lines (level "
@@ -1201,17 +1231,39 @@ def report(res, path):
             L.append(f"| {s['delivery']} | {kind} | {k['sent']:,} | {sts} | "
                      f"{k['socket_errors']} |")
     L += ["", f"Distinct client IPs (public): {res['distinct_ips']:,}.", "",
-          "## Faults", "", "Times in seconds since the soak started; refusals are 503 "
-          "(`quota_unavailable`, fail closed) answers from the fault's start to 3 s after it "
-          "ended.", "", "| delivery | fault | start | end | refused (503) | detail |",
-          "|---|---|---|---|---|---|"]
+          "## Faults", "", "Times in seconds since the soak started. While the quota service "
+          "or Redis is down, a client's request is admitted only with units its Envoy still "
+          "holds in a lease; the others get 503 `quota_unavailable` (fail closed; the breaker "
+          "answers at once after 5 failures, for 1 s). *Refused* counts those 503s from the "
+          "fault's start to 3 s after it ended, of all answers of that kind in the same "
+          "window; *other 5xx* is anything else (Envoy's own 503, a 500).", "",
+          "| delivery | fault | start | end | refused (503) | other 5xx | detail |",
+          "|---|---|---|---|---|---|---|"]
     for s in res["summary"]:
         for f in s["faults"]:
-            ref = ", ".join(f"{k}: {n:,}" for k, n in f["refused_503"].items()) or "0"
+            ref = ", ".join(f"{k}: {n:,} of {f['answers'].get(k, 0):,}"
+                            for k, n in f["refused_503"].items()) or "0"
             L.append(f"| {s['delivery']} | {f['name']} | {f['start']:.1f} | {f['end']:.1f} | "
-                     f"{ref} | {f['detail']} |")
+                     f"{ref} | {f['other_5xx']} | {f['detail']} |")
         L.append(f"| {s['delivery']} | (outside faults) | | | "
-                 f"{s['refused_503_outside_faults']:,} | |")
+                 f"{s['refused_503_outside_faults']:,} | | |")
+    L += ["", "Quota callouts as Envoy counted them (cluster `quota`, summed over the epochs, "
+          "each read just before it was replaced), and the filter's `quota.unavailable` (failed or "
+          "skipped callouts: each is a 503 to a client without a held lease). Refusals "
+          "outside the fault windows come from callouts that failed without a fault: on a "
+          "loaded machine (see the load average above), callouts over `timeout_ms` (250 ms) "
+          "and the breaker they open.", "",
+          "| delivery | callouts | timeouts | connect failures | 5xx answers | "
+          "quota.unavailable |", "|---|---|---|---|---|---|"]
+    for s in res["summary"]:
+        c = s["callouts"]
+        L.append(f"| {s['delivery']} | {c['requests']:,} | {c['timeouts']:,} | "
+                 f"{c['connect_failures']:,} | {c['answers_5xx']:,} | "
+                 f"{c['filter_quota_unavailable']:,} |")
+    if res["quota_service_errors"]:
+        L += ["", "The quota service's failed decisions (its log, all restarts): " + "; ".join(
+            f"{n:,} × {k}" for k, n in sorted(res["quota_service_errors"].items(),
+                                              key=lambda kv: -kv[1])) + "."]
     L += ["", "## Envoy memory", "", "| delivery | RSS min | RSS max |", "|---|---|---|"]
     for d, v in m["by_delivery"].items():
         L.append(f"| {d} | {v['min_mib']:.1f} MiB | {v['max_mib']:.1f} MiB |")
@@ -1281,6 +1333,7 @@ def main():
             ip_offset += next(t["sent"] for t in r["traffic"] if t["kind"] == "public") + 64
             runs.append(r)
         counts = ctx["upstream"].counts()
+        quota_errors = quota_log_errors(ctx["quota"].log)
         sampler.stop_ev.set()
         wall = time.time() - t_start
         checks = {
@@ -1292,7 +1345,7 @@ def main():
         }
         res = {
             "started": started, "seconds": a.seconds, "wall_s": round(wall, 1),
-            "failure_mode": a.failure_mode,
+            "failure_mode": a.failure_mode, "quota_service_errors": quota_errors,
             "loadavg_before": load0, "loadavg_after": open("/proc/loadavg").read().split()[:3],
             "ok": all(c["ok"] for c in checks.values()), "checks": checks,
             "summary": summarize(runs, counts, sampler.samples, t_start),
@@ -1334,6 +1387,23 @@ def main():
                 (ctx[name].p if name != "redis" else ctx[name]).stop()
         keep_logs(work, os.path.join(os.path.dirname(os.path.abspath(a.json)), "logs"))
         shutil.rmtree(work, ignore_errors=True)
+
+
+def quota_log_errors(path):
+    """The quota service's failed decisions by reason (its log, over all its restarts):
+    e.g. "store unavailable: Connection refused" while Redis is down, "store did not answer
+    within 250 ms" when Redis is slow."""
+    out = {}
+    try:
+        for line in open(path, errors="replace"):
+            m = re.search(r"(lease|check|release) failed .*error=(.*)$", line)
+            if m:
+                reason = re.sub(r"\(os error \d+\)", "", m.group(2)).strip()
+                key = f"{m.group(1)}: {reason}"
+                out[key] = out.get(key, 0) + 1
+    except OSError:
+        pass
+    return out
 
 
 def keep_logs(work, dest):
