@@ -1109,17 +1109,28 @@ def summarize(runs, counts, samples, t_start):
 
 
 def rates(runs, counts, t_start):
-    """Answers per second by kind, and admitted (upstream) per second, relative times."""
-    by = {}
+    """Per second, relative to the soak's start: answers by kind, the 503 refusals of all
+    kinds, and admissions at the upstream (api). Every second of a delivery's run has a value
+    (0 when nothing came); None between deliveries, so a chart does not join them."""
+    series = {}
+    base = int(t_start)
     for r in runs:
+        secs = range(int(r["t_begin"]) + 1, int(r["t_end"]))
+        per = {}
         for t in r["traffic"]:
-            for sec, s in t["per_sec"].items():
-                rel = int(sec) - int(t_start)
-                by.setdefault(t["kind"], {})[rel] = sum(s.values())
-                ref = by.setdefault("refused 503 (all kinds)", {})
-                ref[rel] = ref.get(rel, 0) + s.get("503", 0)
-    up = {int(s) - int(t_start): n for s, n in counts["per_sec"].items()}
-    return {k: sorted(v.items()) for k, v in by.items()}, sorted(up.items())
+            k = per.setdefault(t["kind"], {})
+            ref = per.setdefault("refused (503)", {})
+            for sec, st in t["per_sec"].items():
+                k[int(sec) - base] = sum(st.values())
+                ref[int(sec) - base] = ref.get(int(sec) - base, 0) + st.get("503", 0)
+        per["admitted at the upstream (api)"] = {int(sec) - base: n
+                                                 for sec, n in counts["per_sec"].items()}
+        for name, vals in per.items():
+            out = series.setdefault(name, [])
+            if out:
+                out.append([None, None])
+            out += [[x, vals.get(x, 0)] for x in secs]
+    return series
 
 
 def chart(res, path):
@@ -1139,14 +1150,14 @@ def chart(res, path):
     ax1.set_ylabel("Envoy VmRSS (MiB)")
     ax1.set_ylim(0, res["checks"]["memory"]["bound_mib"] * 1.1)
     ax1.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-    by_kind, up = res["rates"]
-    for kind, pts in by_kind.items():
-        if pts:
-            ax2.plot(*zip(*pts), label=f"{kind} answers/s", linewidth=0.8)
-    if up:
-        ax2.plot(*zip(*up), label="admitted at the upstream (api)/s", linewidth=0.8,
-                 color="black")
-    ax2.set_ylabel("requests per second")
+    colors = {"api": "#1f77b4", "webhook": "#2ca02c", "public": "#9e9e9e",
+              "refused (503)": "#d62728", "admitted at the upstream (api)": "black"}
+    for name, pts in res["rates"].items():
+        xs = [p[0] if p[0] is not None else float("nan") for p in pts]
+        ys = [p[1] if p[1] is not None else float("nan") for p in pts]
+        label = f"{name} answers" if name in ("api", "webhook", "public") else name
+        ax2.plot(xs, ys, label=label, linewidth=0.8, color=colors.get(name))
+    ax2.set_ylabel("per second")
     ax2.set_xlabel("seconds since the soak started")
     ax2.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     top = ax1.get_ylim()[1]
@@ -1264,7 +1275,9 @@ def report(res, path):
         L += ["", "The quota service's failed decisions (its log, all restarts): " + "; ".join(
             f"{n:,} × {k}" for k, n in sorted(res["quota_service_errors"].items(),
                                               key=lambda kv: -kv[1])) + "."]
-    L += ["", "## Envoy memory", "", "| delivery | RSS min | RSS max |", "|---|---|---|"]
+    L += ["", "## Envoy memory", "", "VmRSS of every Envoy process, sampled each second (a "
+          "new epoch starts low and grows to its working size).", "",
+          "| delivery | RSS min | RSS max |", "|---|---|---|"]
     for d, v in m["by_delivery"].items():
         L.append(f"| {d} | {v['min_mib']:.1f} MiB | {v['max_mib']:.1f} MiB |")
     L += ["", "![Envoy RSS and request rates over the soak](soak.png)", "",
@@ -1307,6 +1320,9 @@ def main():
         if not os.path.exists(need):
             sys.exit(f"{need} missing: `make build`")
     per = a.seconds / len(deliveries)
+    if per < 30:
+        # The three faults take ~15 s (a hot restart alone ~PARENT_SHUTDOWN_S + DRAIN_S).
+        sys.exit(f"at least 30 s per delivery, got {per:.0f} s (--seconds / deliveries)")
 
     work = tempfile.mkdtemp(prefix="api-guard-soak-")
     ctx = {"failure_mode": a.failure_mode}
