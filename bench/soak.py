@@ -43,7 +43,6 @@ import http.client
 import json
 import math
 import os
-import random
 import re
 import shutil
 import signal
@@ -251,12 +250,15 @@ def die_with_parent():
 class Proc:
     """A child process we own; stop() always ends it (SIGTERM, then SIGKILL)."""
 
-    def __init__(self, args, log_path, stdout=None, stderr=subprocess.STDOUT, env=None):
+    def __init__(self, args, log_path, quiet_stdout=False, env=None):
+        """stderr (and stdout unless quiet_stdout) appended to log_path."""
         self.args = args
         self.log_path = log_path
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL,
-                                     stdout=stdout or open(log_path, "a"), stderr=stderr,
-                                     env=env, preexec_fn=die_with_parent)
+        with open(log_path, "ab") as out:
+            self.proc = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL if quiet_stdout else out, stderr=out, env=env,
+                preexec_fn=die_with_parent)
 
     def alive(self):
         return self.proc.poll() is None
@@ -318,8 +320,7 @@ class Quota:
     def start(self):
         self.p = Proc([bench.QUOTA_BIN, "--config", self.cfg, "--listen",
                        f"127.0.0.1:{self.port}", "--redis", self.redis_url,
-                       "--redis-timeout-ms", "250"], self.log,
-                      stdout=subprocess.DEVNULL, stderr=open(self.log, "a"),
+                       "--redis-timeout-ms", "250"], self.log, quiet_stdout=True,
                       env=dict(os.environ, RUST_LOG="warn"))
         wait_for("api-guard-quota", lambda: bench.get_status(self.port, "/healthz") == 200)
 
@@ -402,7 +403,12 @@ class HotEnvoy:
                 return False
             e["admin"] = admin
             return True
-        wait_for(f"Envoy {self.name} epoch {epoch}", ready, timeout=60)
+        try:
+            wait_for(f"Envoy {self.name} epoch {epoch}", ready, timeout=60)
+        except Exception:
+            p.stop()
+            e["stopped"] = True
+            raise
         if epoch == 0:
             self.base_id = int(open(base_path).read().strip())
         self.admin = e["admin"]
@@ -415,9 +421,6 @@ class HotEnvoy:
         self._start(old["epoch"] + 1)
         old["superseded"] = True
         return old
-
-    def live(self):
-        return [e for e in self.epochs if e["proc"].alive()]
 
     def stop(self):
         for e in self.epochs:
@@ -738,7 +741,7 @@ class Wrk:
         self.out_path = os.path.join(work, f"{kind}.wrk.txt")
         self.p = Proc(["wrk", f"-t{threads}", f"-c{conns}", f"-d{int(seconds)}s",
                        "--timeout", "5s", "-s", path, f"http://127.0.0.1:{port}/"],
-                      self.out_path, stdout=open(self.out_path, "w"))
+                      self.out_path)
 
     def result(self):
         self.p.proc.wait()
@@ -816,6 +819,9 @@ def fault_hot_restart(ctx):
     while old["proc"].alive() and time.time() < deadline:
         time.sleep(0.2)
     rc = old["proc"].proc.poll()
+    if rc is None:
+        raise RuntimeError(f"epoch {old['epoch']} still running {PARENT_SHUTDOWN_S + 15} s "
+                           "after the hot restart")
     return (f"Envoy hot restart to epoch {env.epochs[-1]['epoch']} (base id {env.base_id}); "
             f"old epoch exited with {rc}")
 
@@ -845,8 +851,8 @@ def run_delivery(delivery, seconds, work, ctx, sampler, t_start, ip_offset):
     tok, forged, keysf, keys = make_credentials(dwork, phase, seconds)
     pool = make_webhook_pool(dwork, phase, seconds)
     port = bench.free_port()
-    cfg = envoy_config(wrap(filter_config(phase, keys, ctx["failure_mode"])), port, ctx["upstream"].port,
-                       ctx["quota"].port)
+    filt = wrap(filter_config(phase, keys, ctx["failure_mode"]))
+    cfg = envoy_config(filt, port, ctx["upstream"].port, ctx["quota"].port)
     env = HotEnvoy(f"envoy-{delivery}", cfg, dwork, port)
     ctx["envoy"] = env
     sampler.envoy, sampler.delivery = env, delivery
@@ -1190,7 +1196,8 @@ def report(res, path):
         "(api-guard-quota, release build) on Redis (AOF), a counting upstream "
         "(bench/soak.py --serve-upstream). wrk sends at once: *api* (valid HS256 JWTs of "
         f"{PER_EPOCH} clients that change every {ROTATE_S} s, forged JWTs, valid and unknown "
-        f"API keys; route with `quota: true`, lease mode, `failure_mode: {res['failure_mode']}`), *webhook* "
+        "API keys; route with `quota: true`, lease mode, "
+        f"`failure_mode: {res['failure_mode']}`), *webhook* "
         "(GitHub-signed deliveries with unique ids, every 10th forged) and *public* (a new "
         "client IP per request through two per-IP limits, 1 in 10 a CORS preflight from the "
         "allowed origin, 1 in 10 from a refused one). Global limits (quota service): tier "
