@@ -631,7 +631,9 @@ function request()
   n = n + 1
   sent = sent + 1
   local r = n % 20
-  local h = {{}}
+  -- Identity headers a client must never get to set: the filter strips or overwrites them,
+  -- so "spoofed" reaching the upstream fails the limits check.
+  local h = {{["x-auth-client"] = "spoofed-" .. (n % 3), ["x-auth-tier"] = "daily"}}
   if r == 0 then
     h["authorization"] = "Bearer " .. forged[(math.floor(n / 20) % #forged) + 1]
   elseif r == 1 then
@@ -940,12 +942,13 @@ def callout_summary(stats):
 
 
 def check_limits(runs, counts, run_s):
-    """Admitted at the upstream per client against its limit; forged identities never."""
+    """Admitted at the upstream per client against its limit; forged or spoofed identities
+    (and requests without one) never."""
     capped_limit = CAPPED_CAP + math.floor(run_s / 3600)
     per_key = {}
     problems = []
     for client, tier, day, n in counts["api"]:
-        if client.startswith("forged") or tier not in ("capped", "daily"):
+        if client.startswith(("forged", "spoofed")) or tier not in ("capped", "daily"):
             problems.append(f"{n} requests of client {client!r} (tier {tier!r}) reached the "
                             "upstream")
             continue
@@ -1190,7 +1193,8 @@ def report(res, path):
         f"(`SOAK_SECONDS`), {res['wall_s']:.0f} s wall time, deliveries: "
         f"{', '.join(r['delivery'] for r in res['runs'])}; load average "
         f"{' '.join(res['loadavg_before'])} before, {' '.join(res['loadavg_after'])} after. "
-        f"Result: **{ok}**.",
+        f"Envoy {res['versions']['envoy']}, api-guard at commit "
+        f"`{res['versions']['commit']}`. Result: **{ok}**.",
         "",
         "Per delivery: Envoy with 2 workers and hot restart enabled, the quota service "
         "(api-guard-quota, release build) on Redis (AOF), a counting upstream "
@@ -1345,6 +1349,13 @@ def main():
     runs = []
     try:
         started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        ev = subprocess.run([bench.ENVOY, "--version"], capture_output=True,
+                            text=True).stdout.strip().split("version: ")[-1].split("/")
+        versions = {
+            "envoy": f"{ev[1]} ({ev[0][:9]})" if len(ev) > 1 else "?",
+            "commit": subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
+                                     capture_output=True, text=True).stdout.strip(),
+        }
         load0 = open("/proc/loadavg").read().split()[:3]
         ctx["redis"] = Redis(work)
         ctx["quota"] = Quota(work, ctx["redis"].url())
@@ -1369,6 +1380,7 @@ def main():
         res = {
             "started": started, "seconds": a.seconds, "wall_s": round(wall, 1),
             "failure_mode": a.failure_mode, "quota_service_errors": quota_errors,
+            "versions": versions,
             "loadavg_before": load0, "loadavg_after": open("/proc/loadavg").read().split()[:3],
             "ok": all(c["ok"] for c in checks.values()), "checks": checks,
             "summary": summarize(runs, counts, sampler.samples, t_start),
