@@ -1244,7 +1244,7 @@ def report(res, path):
             L.append(f"\n- **{name}**: {p}")
     if lg["messages"]:
         L += ["", "What Envoy logged (warning and up; each distinct message, with its count):",
-              ""] + [f"- {n} × `{msg}`" for msg, n in lg["messages"]]
+              ""] + [f"- {n} × `{msg.replace('`', chr(39))}`" for msg, n in lg["messages"]]
     L += ["", "## Requests", "", "| delivery | kind | sent | answers by status | socket "
           "errors |", "|---|---|---|---|---|"]
     for s in res["summary"]:
@@ -1315,10 +1315,17 @@ def main():
                     help="the route's quota failure_mode; `allow` is a negative control: "
                          "clients then pass their limits while the service is down, and "
                          "the limits check must fail")
+    ap.add_argument("--from-json", metavar="SOAK_JSON",
+                    help="only write soak.md and soak.png again from a run's JSON")
     ap.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.serve_upstream:
         return serve_upstream(a.serve_upstream)
+    if a.from_json:
+        res = json.load(open(a.from_json))
+        report(res, os.path.join(a.out, "soak.md"))
+        chart(res, os.path.join(a.out, "soak.png"))
+        return 0 if res["ok"] else 1
     for need in (bench.ENVOY, bench.QUOTA_BIN):
         if not os.path.exists(need):
             sys.exit(f"{need} missing: `make build` (or `make soak`) builds it")
