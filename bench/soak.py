@@ -20,13 +20,14 @@ process, --restart-epoch N+1, takes over the listener).
 Checks (exit 1 if one fails, naming it):
 1. limits: no client admitted over its limit, counted at the upstream (per client: the
    `capped` tier's bucket over the run, the `daily` tier's hard-stop quota per UTC day);
-   forged credentials never reach the upstream.
-2. logs: no panic, VM failure or crash in any Envoy log; no Envoy exited unexpectedly.
+   forged credentials and client-set identity headers never reach the upstream.
+2. logs: no panic, VM failure or crash in any Envoy log, no wasm VM reload or 500
+   internal_error in Envoy's counters; no Envoy exited unexpectedly.
 3. memory: every Envoy's VmRSS below --rss-bound-mib.
 4. webhooks: every delivery answered 2xx reached the upstream exactly once, none answered
    otherwise reached it (connection resets leave the outcome unknown: counted, excluded).
 5. traffic: every kind was admitted (a soak where nothing passes proves nothing), every
-   fault happened.
+   fault happened, no answer was a 500 or a 503 other than the filter's quota_unavailable.
 
 Writes target/soak/soak.json, docs/soak.md and docs/soak.png (--out). Always stops what it
 started, also on Ctrl-C or failure.
@@ -982,6 +983,12 @@ def check_logs(runs):
                 if any(re.search(p, line) for p in LOG_PATTERNS):
                     hits.append(f"{r['delivery']} epoch {lg['epoch']}: {line[:300]}")
         hits += [f"{r['delivery']}: {x}" for x in r["exits"]]
+        # The same from Envoy's counters: wasm VM reloads (a VM that failed, e.g. after a
+        # panic aborted it) and requests the module answered 500 after a caught panic.
+        for name, v in r.get("stats", {}).items():
+            if v and (name.startswith("wasm.api_guard.vm_reload")
+                      or name.endswith("api_guard.denied.internal_error")):
+                hits.append(f"{r['delivery']}: counter {name} = {v}")
     # What Envoy did log (level warning and up), each distinct message once, for the report.
     seen = {}
     for r in runs:
@@ -1055,10 +1062,13 @@ def check_traffic(runs):
                      if st.startswith("2"))
             if not ok:
                 problems.append(f"{r['delivery']}: no {t['kind']} request was admitted")
-            five = sum(n for s in t["per_sec"].values() for st, n in s.items() if st == "500")
-            if five:
-                problems.append(f"{r['delivery']}: {five} {t['kind']} requests answered 500 "
-                                "(internal_error: a caught panic)")
+            for code, why in (("500", "internal_error: a caught panic"),
+                              ("503x", "a 503 that is not the filter's quota_unavailable: "
+                                       "e.g. a failed wasm VM failing closed")):
+                n = sum(c for s in t["per_sec"].values() for st, c in s.items() if st == code)
+                if n:
+                    problems.append(f"{r['delivery']}: {n} {t['kind']} requests answered "
+                                    f"{code[:3]} ({why})")
         names = [f["name"] for f in r["faults"] if not f["failed"]]
         problems += [f"{r['delivery']}: {f['name']} {f['detail']}" for f in r["faults"]
                      if f["failed"]]
@@ -1223,7 +1233,8 @@ def report(res, path):
              + " (a client below its limit lost leased units to a fault: under-admission, "
              "which leases allow) |")
     lg = c["logs"]
-    L.append(f"| 2. no panic, VM failure or crash in Envoy's logs; no unexpected exit | "
+    L.append(f"| 2. no panic, VM failure or crash in Envoy's logs, no wasm VM reload or "
+             f"internal_error counted; no unexpected exit | "
              f"{'pass' if lg['ok'] else 'FAIL'} | {lg['log_lines']} log lines (level "
              "warning) searched |")
     m = c["memory"]
@@ -1237,8 +1248,8 @@ def report(res, path):
              f"{w['unknown_reached_upstream']} of them reached the upstream), "
              f"{w['upstream_ids']:,} ids at the upstream |")
     t = c["traffic"]
-    L.append(f"| 5. every kind admitted, every fault injected | "
-             f"{'pass' if t['ok'] else 'FAIL'} | |")
+    L.append("| 5. every kind admitted, every fault injected, no 500 and no 503 but the "
+             f"filter's fail-closed one | {'pass' if t['ok'] else 'FAIL'} | |")
     for name in ("limits", "logs", "memory", "webhooks", "traffic"):
         for p in c[name]["problems"]:
             L.append(f"\n- **{name}**: {p}")
