@@ -1238,7 +1238,7 @@ def report(res, path):
              f"{'pass' if lg['ok'] else 'FAIL'} | {lg['log_lines']} log lines (level "
              "warning) searched |")
     m = c["memory"]
-    L.append(f"| 3. Envoy RSS below {m['bound_mib']} MiB | {'pass' if m['ok'] else 'FAIL'} | "
+    L.append(f"| 3. Envoy RSS below {m['bound_mib']:g} MiB | {'pass' if m['ok'] else 'FAIL'} | "
              + "; ".join(f"{d}: {v['min_mib']:.1f}–{v['max_mib']:.1f} MiB"
                          for d, v in m["by_delivery"].items()) + " |")
     w = c["webhooks"]
