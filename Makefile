@@ -83,6 +83,7 @@ soak: tools build
 	  echo "==> installing matplotlib (PyPI) into .tools/py"; \
 	  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
 	    --target .tools/py matplotlib; fi
+	@python3 bench/soak.py --self-test
 	@echo "==> soak: $(SOAK_SECONDS) s, delivery $(SOAK_DELIVERY) (bench/soak.py)"
 	PYTHONPATH=$(CURDIR)/.tools/py python3 bench/soak.py --seconds $(SOAK_SECONDS) \
 	  --delivery $(SOAK_DELIVERY)

@@ -1312,6 +1312,65 @@ def report(res, path):
 # Main
 
 
+def self_test():
+    """Each check on made-up results: passes on clean ones, fails on each kind of breach
+    (so a check that can never fail would show here). No process is started."""
+    day = "2026-01-01"
+    clean_run = {
+        "delivery": "wasm", "exits": [], "stats": {"wasm.api_guard.vm_reload": 0},
+        "logs": [{"epoch": 0, "text": "[warning][main] caught ENVOY_SIGTERM"}],
+        "hook_outcomes": [["vw-0", "200"], ["fw-9", "401"], ["vw-1", "0"]],
+        "faults": [{"name": n, "failed": False, "detail": ""} for n, _ in FAULTS],
+        "traffic": [{"kind": k, "per_sec": {1: {"200": 5, "503": 2}}}
+                    for k in ("api", "webhook", "public")],
+    }
+    clean_counts = {"api": [["w-capped-0-0", "capped", day, CAPPED_CAP],
+                            ["w-daily-0-1", "daily", day, DAILY_LIMIT]],
+                    "hooks": {"vw-0": 1}}
+
+    def with_(base, **kw):
+        return dict(json.loads(json.dumps(base)), **kw)
+    cases = [
+        ("clean", True, lambda: check_limits([clean_run], clean_counts, 600)),
+        ("over a bucket", False, lambda: check_limits([clean_run], with_(clean_counts, api=[
+            ["w-capped-0-0", "capped", day, CAPPED_CAP + 1]]), 600)),
+        ("over a daily quota", False, lambda: check_limits([clean_run], with_(
+            clean_counts, api=[["w-daily-0-1", "daily", day, DAILY_LIMIT + 1]]), 600)),
+        ("forged at the upstream", False, lambda: check_limits([clean_run], with_(
+            clean_counts, api=[["forged-w-1", "capped", day, 1]]), 600)),
+        ("spoofed at the upstream", False, lambda: check_limits([clean_run], with_(
+            clean_counts, api=[["spoofed-1", "daily", day, 1]]), 600)),
+        ("clean", True, lambda: check_logs([clean_run])),
+        ("panic in the log", False, lambda: check_logs([with_(clean_run, logs=[
+            {"epoch": 1, "text": "[critical][wasm] wasm log api_guard: panicked at src/x.rs"}])])),
+        ("VM reload counted", False, lambda: check_logs([with_(
+            clean_run, stats={"wasm.api_guard.vm_reload": 1})])),
+        ("Envoy exited", False, lambda: check_logs([with_(
+            clean_run, exits=["envoy-wasm epoch 0 exited with -11"])])),
+        ("clean", True, lambda: check_rss([[1, "wasm", 0, 100 * 1024]], 400)),
+        ("over the RSS bound", False, lambda: check_rss([[1, "wasm", 0, 401 * 1024]], 400)),
+        ("clean", True, lambda: check_webhooks([clean_run], clean_counts)),
+        ("2xx delivery missing", False, lambda: check_webhooks([clean_run], with_(
+            clean_counts, hooks={}))),
+        ("delivery forwarded twice", False, lambda: check_webhooks([clean_run], with_(
+            clean_counts, hooks={"vw-0": 2}))),
+        ("refused delivery forwarded", False, lambda: check_webhooks([clean_run], with_(
+            clean_counts, hooks={"vw-0": 1, "fw-9": 1}))),
+        ("clean", True, lambda: check_traffic([clean_run])),
+        ("a 500", False, lambda: check_traffic([with_(clean_run, traffic=[
+            {"kind": "api", "per_sec": {1: {"200": 1, "500": 1}}}])])),
+        ("nothing admitted", False, lambda: check_traffic([with_(clean_run, traffic=[
+            {"kind": "api", "per_sec": {1: {"429": 1}}}])])),
+        ("a fault missing", False, lambda: check_traffic([with_(clean_run, faults=[])])),
+    ]
+    bad = [f"{name}: expected {'pass' if want else 'fail'}" for name, want, fn in cases
+           if fn()["ok"] != want]
+    for b in bad:
+        log(f"self-test: {b}")
+    log(f"self-test: {len(cases) - len(bad)} of {len(cases)} cases as expected")
+    return 1 if bad else 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float,
@@ -1331,10 +1390,14 @@ def main():
                          "the limits check must fail")
     ap.add_argument("--from-json", metavar="SOAK_JSON",
                     help="only write soak.md and soak.png again from a run's JSON")
+    ap.add_argument("--self-test", action="store_true",
+                    help="run each check on made-up passing and failing results, and exit")
     ap.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.serve_upstream:
         return serve_upstream(a.serve_upstream)
+    if a.self_test:
+        return self_test()
     if a.from_json:
         res = json.load(open(a.from_json))
         report(res, os.path.join(a.out, "soak.md"))
