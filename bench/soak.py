@@ -1421,11 +1421,11 @@ def main():
 
     work = tempfile.mkdtemp(prefix="api-guard-soak-")
     ctx = {"failure_mode": a.failure_mode}
-    # SIGTERM/SIGHUP end the run like Ctrl-C does: through the finally below.
-    def interrupted(*_):
-        raise KeyboardInterrupt()
     # Ctrl-C, SIGTERM, SIGHUP end the run through the finally below (SIGINT set explicitly:
     # a shell starts background jobs with it ignored).
+    def interrupted(*_):
+        raise KeyboardInterrupt()
+
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, interrupted)
     t_start = time.time()
