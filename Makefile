@@ -8,6 +8,10 @@
 #   make fuzz    every fuzz target for FUZZ_SECONDS each (default 60; not part of `make test`,
 #                which replays the committed corpora instead; docs/FUZZING.md)
 #   make bench   api-guard side by side with Envoy's native filters (not part of `make test`)
+#   make soak    SOAK_SECONDS (default 600) of mixed traffic and faults (quota service killed,
+#                Redis restarted, Envoy hot restart) through both deliveries, then checks:
+#                no client over its limit, no panic/crash, RSS bound, webhooks forwarded
+#                exactly once (not part of `make test`; docs/soak.md, bench/soak.py)
 SHELL := /bin/bash
 CARGO ?= cargo
 WASM := target/wasm32-wasip1/release/api_guard.wasm
@@ -19,7 +23,7 @@ DELIVERY ?= wasm
 ENVOY_BIN := $(CURDIR)/.tools/envoy/envoy/_bin/envoy
 export ENVOY_BIN
 
-.PHONY: all build wasm module native tools test test-unit test-e2e run lint bench fuzz clean
+.PHONY: all build wasm module native tools test test-unit test-e2e run lint bench soak fuzz clean
 
 all: build
 
@@ -67,6 +71,22 @@ fuzz:
 bench: tools build
 	@scripts/tools.sh wrk
 	@if [ -x bench/run.sh ]; then bench/run.sh; else echo "bench/run.sh not present yet"; exit 1; fi
+
+# Loopback only, bounded: stops by itself after SOAK_SECONDS (plus setup), and stops every
+# process it started, also on Ctrl-C. SOAK_DELIVERY=wasm|native|both (default both, each for
+# half the time). matplotlib (for docs/soak.png) goes into .tools/py, as for `make bench`.
+SOAK_SECONDS ?= 600
+SOAK_DELIVERY ?= both
+soak: tools build
+	@scripts/tools.sh wrk redis
+	@if ! PYTHONPATH=.tools/py python3 -c 'import matplotlib' 2>/dev/null; then \
+	  echo "==> installing matplotlib (PyPI) into .tools/py"; \
+	  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+	    --target .tools/py matplotlib; fi
+	@python3 bench/soak.py --self-test
+	@echo "==> soak: $(SOAK_SECONDS) s, delivery $(SOAK_DELIVERY) (bench/soak.py)"
+	PYTHONPATH=$(CURDIR)/.tools/py python3 bench/soak.py --seconds $(SOAK_SECONDS) \
+	  --delivery $(SOAK_DELIVERY)
 
 clean:
 	$(CARGO) clean
