@@ -369,7 +369,7 @@ mod tests {
         JsonSchema::compile("routes[0].json_schema", &v).unwrap()
     }
 
-    const ORDER: &str = r#"{
+    const ORDER: &str = r##"{
         "type": "object",
         "required": ["sku", "qty"],
         "properties": {
@@ -379,7 +379,7 @@ mod tests {
         },
         "additionalProperties": false,
         "$defs": {"item": {"type": "object", "required": ["id"]}}
-    }"#;
+    }"##;
 
     fn order() -> JsonSchema {
         schema(serde_json::from_str(ORDER).unwrap())
