@@ -767,18 +767,28 @@ mod tests {
         let mut full = wasm_filter(&cfg, json!({ "allow_on_headers_stop_iteration": true }));
         full["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] =
             json!("/etc/envoy/api_guard_full.wasm");
-        let doc = bootstrap(json!({ "use_remote_address": true }), vec![full, router()], &[]);
-        assert_eq!(check(&doc, &no_env).errors(), 0, "{:?}", check(&doc, &no_env).findings);
+        let doc = bootstrap(
+            json!({ "use_remote_address": true }),
+            vec![full, router()],
+            &[],
+        );
+        assert_eq!(
+            check(&doc, &no_env).errors(),
+            0,
+            "{:?}",
+            check(&doc, &no_env).findings
+        );
         // It holds bodies: stop iteration is needed as for max_body_bytes.
         let doc = bootstrap(
             json!({ "use_remote_address": true }),
             vec![wasm_filter(&cfg, json!({})), router()],
             &[],
         );
-        assert!(check(&doc, &no_env).findings.iter().any(|f| f
-            .path
-            .ends_with("allow_on_headers_stop_iteration")
-            && f.message.contains("json_schema")));
+        assert!(check(&doc, &no_env)
+            .findings
+            .iter()
+            .any(|f| f.path.ends_with("allow_on_headers_stop_iteration")
+                && f.message.contains("json_schema")));
     }
 
     #[test]

@@ -120,7 +120,8 @@ fn slow_chunked(port: u16, path: &str, chunks: &[&[u8]]) -> Resp {
     .unwrap();
     for c in chunks {
         std::thread::sleep(Duration::from_millis(150));
-        s.write_all(format!("{:x}\r\n", c.len()).as_bytes()).unwrap();
+        s.write_all(format!("{:x}\r\n", c.len()).as_bytes())
+            .unwrap();
         s.write_all(c).unwrap();
         s.write_all(b"\r\n").unwrap();
         s.flush().unwrap();
@@ -145,10 +146,17 @@ fn json_schema_bodies_through_envoy() {
     let r = envoy
         .req("POST", "/orders")
         .header("content-type", "application/json")
-        .chunked(vec![b"{\"sku\": \"XYZ".to_vec(), b"-9\", \"qty\": 1}".to_vec()])
+        .chunked(vec![
+            b"{\"sku\": \"XYZ".to_vec(),
+            b"-9\", \"qty\": 1}".to_vec(),
+        ])
         .send();
     assert_eq!(r.status, 200, "{}", r.text());
-    let r = slow_chunked(port, "/orders", &[b"{\"qty\"", b": 7, \"sku\":", b" \"QQQ-1\"}"]);
+    let r = slow_chunked(
+        port,
+        "/orders",
+        &[b"{\"qty\"", b": 7, \"sku\":", b" \"QQQ-1\"}"],
+    );
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(
         received_on(&envoy, "/orders"),
@@ -185,7 +193,11 @@ fn json_schema_bodies_through_envoy() {
         "additionalProperties",
     );
     // Chunked, invalid in the last chunk, over several callbacks.
-    let r = slow_chunked(port, "/orders", &[b"{\"sku\": \"ABC-1\",", b" \"qty\": \"many\"}"]);
+    let r = slow_chunked(
+        port,
+        "/orders",
+        &[b"{\"sku\": \"ABC-1\",", b" \"qty\": \"many\"}"],
+    );
     assert_schema_refusal(&r, "/qty", "type");
     // Not JSON: whatever the content-type says, the body is checked.
     let r = envoy
@@ -204,7 +216,13 @@ fn json_schema_bodies_through_envoy() {
     // Duplicate keys: the schema would judge one, the backend might read the other.
     let r = post(br#"{"sku": "ABC-1", "qty": 1, "qty": -5}"#);
     let v = assert_refused(&r, 400, "invalid_request");
-    assert!(v["message"].as_str().unwrap_or("").contains("duplicate object key"), "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("duplicate object key"),
+        "{v}"
+    );
     assert_eq!(
         upstream_requests(&envoy),
         before,
@@ -223,14 +241,21 @@ fn json_schema_bodies_through_envoy() {
     .expect("a response");
     assert_refused(&r, 413, "payload_too_large");
     assert!(
-        r.json()["message"].as_str().unwrap_or("").contains("1048576 bytes"),
+        r.json()["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("1048576 bytes"),
         "the default cap of a json_schema route: {}",
         r.text()
     );
     let r = envoy
         .req("POST", "/d7")
         .header("content-type", "application/json")
-        .chunked(vec![b"{\"id\": 1, \"pad\": \"".to_vec(), vec![b'x'; 60], b"\"}".to_vec()])
+        .chunked(vec![
+            b"{\"id\": 1, \"pad\": \"".to_vec(),
+            vec![b'x'; 60],
+            b"\"}".to_vec(),
+        ])
         .send();
     assert_refused(&r, 413, "payload_too_large");
 
@@ -316,7 +341,10 @@ fn the_base_wasm_refuses_a_json_schema_config() {
     let Err(err) = Envoy::builder(&config()).try_start() else {
         panic!("api_guard.wasm has no validator: a json_schema config must not load");
     };
-    assert!(err.contains("routes[0].json_schema"), "names the path:\n{err}");
+    assert!(
+        err.contains("routes[0].json_schema"),
+        "names the path:\n{err}"
+    );
     assert!(
         err.contains("json_schema needs api_guard_full.wasm or the dynamic module"),
         "says what to load instead:\n{err}"
@@ -328,10 +356,22 @@ fn cli_check_validates_the_schema() {
     let good = write_temp("schema-good.json", &config());
     let out = cli().arg("check").arg(&good).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("note: json_schema is set: load api_guard_full.wasm"), "{stdout}");
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("note: json_schema is set: load api_guard_full.wasm"),
+        "{stdout}"
+    );
 
-    let out = cli().arg("check").arg("--explain").arg(&good).output().unwrap();
+    let out = cli()
+        .arg("check")
+        .arg("--explain")
+        .arg(&good)
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.contains("satisfying json_schema (draft 2020-12)")

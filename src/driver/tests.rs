@@ -905,7 +905,10 @@ fn a_json_schema_body_is_copied_as_it_streams_and_checked_whole() {
     h.body.extend_from_slice(b" 2}");
     assert_eq!(d.on_request_body(&mut h, 10, true), Action::Continue);
     assert!(h.sent.is_none());
-    assert!(h.largest_body_read <= 65, "never more than the limit plus one");
+    assert!(
+        h.largest_body_read <= 65,
+        "never more than the limit plus one"
+    );
     assert_eq!(h.counter("api_guard.allowed"), 1);
 
     // Invalid: 400 naming the pointer and keyword; never resumed.
@@ -916,7 +919,10 @@ fn a_json_schema_body_is_copied_as_it_streams_and_checked_whole() {
     assert_eq!(d.on_request_body(&mut h, 10, true), Action::Pause);
     assert_reply(&h, 400, "invalid_request");
     let v = reply_json(&h);
-    assert_eq!((v["pointer"].as_str(), v["keyword"].as_str()), (Some("/qty"), Some("minimum")));
+    assert_eq!(
+        (v["pointer"].as_str(), v["keyword"].as_str()),
+        (Some("/qty"), Some("minimum"))
+    );
     assert_eq!(h.resumed, 0);
     assert_eq!(h.counter("api_guard.allowed"), 1);
 
@@ -939,7 +945,10 @@ fn a_json_schema_body_is_copied_as_it_streams_and_checked_whole() {
 fn a_json_schema_body_that_arrived_during_a_callout_is_read_then_checked() {
     let mut h = FakeHost::new();
     let w = worker(schema_config(), &mut h);
-    for (body, status) in [(&b"{\"qty\": 1}"[..], None), (&b"{\"n\": 1}"[..], Some(400))] {
+    for (body, status) in [
+        (&b"{\"qty\": 1}"[..], None),
+        (&b"{\"n\": 1}"[..], Some(400)),
+    ] {
         h.request("POST", "/q", &[("content-length", "10")]);
         let mut d = Driver::new(Rc::clone(&w));
         assert_eq!(d.on_request_headers(&mut h, false), Action::Pause);
@@ -982,7 +991,10 @@ fn a_webhook_body_is_read_once_for_the_signature_and_the_schema() {
     };
     let mut h = FakeHost::new();
     let w = worker(schema_config(), &mut h);
-    for (body, status) in [(&b"{\"qty\": 3}"[..], None), (&b"{\"n\": 3}"[..], Some(400))] {
+    for (body, status) in [
+        (&b"{\"qty\": 3}"[..], None),
+        (&b"{\"n\": 3}"[..], Some(400)),
+    ] {
         h.request("POST", "/hook", &[("x-hub-signature-256", &sig(body))]);
         let mut d = Driver::new(Rc::clone(&w));
         assert_eq!(d.on_request_headers(&mut h, false), Action::Pause);

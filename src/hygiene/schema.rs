@@ -261,7 +261,11 @@ mod imp {
     fn compile_error(path: &str, e: &CompileError) -> ConfigError {
         // `{:#}`: with its cause (why a metaschema check or a load failed).
         let text = format!("{e:#}").replace(BASE, "");
-        let text = text.split('\n').map(str::trim).collect::<Vec<_>>().join("; ");
+        let text = text
+            .split('\n')
+            .map(str::trim)
+            .collect::<Vec<_>>()
+            .join("; ");
         ConfigError::new(path, format!("does not compile: {}", bounded(&text, 600)))
     }
 
@@ -403,13 +407,25 @@ mod tests {
         let r = s.check(br#"{"sku": "ABC-1", "qty": 0}"#).unwrap_err();
         assert_eq!(r.pointer.as_deref(), Some("/qty"));
         assert_eq!(r.keyword.as_deref(), Some("minimum"));
-        assert!(r.message.contains("at '/qty' (keyword minimum)"), "{}", r.message);
-        assert!(r.message.contains("must be >=1, but got 0"), "{}", r.message);
+        assert!(
+            r.message.contains("at '/qty' (keyword minimum)"),
+            "{}",
+            r.message
+        );
+        assert!(
+            r.message.contains("must be >=1, but got 0"),
+            "{}",
+            r.message
+        );
 
         let r = s.check(br#"{"qty": 1}"#).unwrap_err();
         assert_eq!(r.pointer.as_deref(), Some(""));
         assert_eq!(r.keyword.as_deref(), Some("required"));
-        assert!(r.message.contains("at the body (keyword required)"), "{}", r.message);
+        assert!(
+            r.message.contains("at the body (keyword required)"),
+            "{}",
+            r.message
+        );
         assert!(r.message.contains("'sku'"), "{}", r.message);
 
         // Through a `$ref`, inside an array.
@@ -423,7 +439,9 @@ mod tests {
         assert_eq!(r.pointer.as_deref(), Some("/sku"));
         assert_eq!(r.keyword.as_deref(), Some("pattern"));
 
-        let r = s.check(br#"{"sku": "ABC-1", "qty": 1, "admin": true}"#).unwrap_err();
+        let r = s
+            .check(br#"{"sku": "ABC-1", "qty": 1, "admin": true}"#)
+            .unwrap_err();
         assert_eq!(r.pointer.as_deref(), Some(""));
         assert_eq!(r.keyword.as_deref(), Some("additionalProperties"));
 
@@ -510,7 +528,11 @@ mod tests {
             assert!(e.message.contains("never fetches"), "{r}: {}", e.message);
         }
         let e = err(json!({"pattern": "(unclosed"}));
-        assert!(e.message.contains("regex") || e.message.contains("pattern"), "{}", e.message);
+        assert!(
+            e.message.contains("regex") || e.message.contains("pattern"),
+            "{}",
+            e.message
+        );
         let e = err(json!({"$schema": "https://example.com/my-meta"}));
         assert_eq!(e.path, "routes[2].json_schema.$schema");
         let e = err(json!({"$schema": 7}));
@@ -531,7 +553,8 @@ mod tests {
         let not = |b: &[u8]| s.check(b).unwrap_err();
         let r = not(b"{\"a\": 1,}");
         assert!(
-            r.message.starts_with("request body is not valid JSON at byte 8: "),
+            r.message
+                .starts_with("request body is not valid JSON at byte 8: "),
             "{}",
             r.message
         );
@@ -547,12 +570,20 @@ mod tests {
         assert!(not(b"\xef\xbb\xbf{}").message.contains("at byte 0:"));
         // Duplicate keys: the schema would judge one value, the backend might use the other.
         let r = not(br#"{"role": "user", "role": "admin"}"#);
-        assert!(r.message.contains("duplicate object key \"role\""), "{}", r.message);
+        assert!(
+            r.message.contains("duplicate object key \"role\""),
+            "{}",
+            r.message
+        );
         // Hostile nesting is an error, not a stack overflow.
         let deep = [vec![b'['; 100_000], vec![b']'; 100_000]].concat();
         assert!(not(&deep).message.contains("recursion limit"));
         // A refusal's message is bounded, whatever the client sent.
-        let long_key = format!("{{\"{}\": 1, \"{}\": 2}}", "k".repeat(5000), "k".repeat(5000));
+        let long_key = format!(
+            "{{\"{}\": 1, \"{}\": 2}}",
+            "k".repeat(5000),
+            "k".repeat(5000)
+        );
         assert!(not(long_key.as_bytes()).message.chars().count() <= MAX_MESSAGE + 1);
     }
 

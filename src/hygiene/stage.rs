@@ -170,8 +170,8 @@ fn check_schema(schema: &super::JsonSchema, body: &[u8]) -> Step {
     match schema.check(body) {
         Ok(()) => Step::Next,
         Err(r) => {
-            let mut reply = LocalReply::new(ErrorCode::InvalidRequest, r.message)
-                .with_policy("json_schema");
+            let mut reply =
+                LocalReply::new(ErrorCode::InvalidRequest, r.message).with_policy("json_schema");
             if let Some(p) = r.pointer {
                 reply = reply.with_field("pointer", p);
             }

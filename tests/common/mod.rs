@@ -170,7 +170,10 @@ fn build_wasm(full: bool) {
         .current_dir(repo())
         .status()
         .expect("run cargo to build the wasm filter");
-    assert!(status.success(), "building the wasm filter (full: {full}) failed");
+    assert!(
+        status.success(),
+        "building the wasm filter (full: {full}) failed"
+    );
 }
 
 static FULL_BUILD: Once = Once::new();
