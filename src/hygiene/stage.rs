@@ -79,8 +79,10 @@ pub fn headers(cfg: &Config, req: &Request, ex: &mut Exchange, _env: &Env) -> St
             return Step::Reply(too_large(limit, format!("of {n} bytes")));
         }
     }
-    if h.json_schema.is_some() && has_body(req, ex) {
-        // From the first body byte on, whichever stage reads it (see the module doc).
+    // Any stream that did not end with its headers, whatever it declares (a body the
+    // headers deny must not slip through unchecked): from the first body byte on, whichever
+    // stage reads it (see the module doc).
+    if h.json_schema.is_some() && (has_body(req, ex) || !ex.body_ended) {
         ex.hygiene.schema_body = Some(Vec::new());
     }
     if h.content_types.is_empty() || !has_body(req, ex) {
