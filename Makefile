@@ -30,7 +30,8 @@ tools:
 	@scripts/tools.sh wasm clang envoy redis promtool
 
 # Both .wasm files: cargo writes either build to $(WASM), so the full one is built first and
-# copied aside (cargo keeps both builds cached: switching back only relinks).
+# copied aside. Switching features recompiles only the api-guard crate itself (a cdylib's
+# output is not kept per feature set), not its dependencies.
 wasm:
 	@scripts/tools.sh wasm clang
 	@echo "==> building the filter with the JSON Schema validator ($(WASM_FULL))"

@@ -189,8 +189,8 @@ pub fn full_wasm_path() -> PathBuf {
         }
         build_wasm(true);
         std::fs::copy(dir.join("api_guard.wasm"), &full).expect("copy api_guard_full.wasm");
-        // Put the base filter back where cargo wrote the full one (cargo keeps both builds:
-        // this only relinks).
+        // Put the base filter back where cargo wrote the full one (recompiles only the
+        // api-guard crate: its dependencies are cached per feature set).
         build_wasm(false);
     });
     assert!(full.exists(), "missing {}", full.display());
