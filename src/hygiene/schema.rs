@@ -22,10 +22,6 @@ use std::fmt;
 /// whole, so it must be bounded.
 pub const DEFAULT_BODY_LIMIT: u64 = 1 << 20;
 
-/// Whether this build can validate JSON Schemas (every native build; the wasm one only with
-/// the `json-schema` feature).
-pub const AVAILABLE: bool = cfg!(any(feature = "json-schema", not(target_arch = "wasm32")));
-
 /// The longest message a refusal carries: it quotes client data (property names, values).
 const MAX_MESSAGE: usize = 400;
 
