@@ -6,7 +6,8 @@
 //! A valid body reaches the upstream byte for byte (plain, chunked in one go, chunked across
 //! several callbacks); an invalid one gets the SPEC's JSON error (400 `invalid_request`
 //! naming the JSON pointer and keyword) with the security headers, and the upstream never
-//! sees the request; the check runs after credentials and the webhook signature.
+//! sees the request; the check runs after credentials and the webhook signature, and a body
+//! that arrived while a quota callout held the request is read from Envoy's buffer after it.
 
 mod common;
 
@@ -14,8 +15,10 @@ use common::*;
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use std::io::{BufReader, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 const GH_SECRET: &str = "s3cret-for-the-hook";
@@ -328,6 +331,145 @@ fn json_schema_bodies_through_envoy() {
             .any(|l| l.contains("api_guard.deny") && l.contains("json_schema")),
         "deny log names json_schema"
     );
+}
+
+/// A stand-in quota service: answers every `/v1/check` with `{"allowed": true}` after
+/// `delay`, so a request stays held on its quota callout while its body arrives. Stopped on
+/// drop (the accept loop is woken by a last connection).
+struct SlowQuota {
+    port: u16,
+    calls: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl SlowQuota {
+    fn start(delay: Duration) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c, st) = (Arc::clone(&calls), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if st.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                let (c, st) = (Arc::clone(&c), Arc::clone(&st));
+                std::thread::spawn(move || Self::serve(conn, delay, &c, &st));
+            }
+        });
+        Self { port, calls, stop }
+    }
+
+    /// HTTP/1.1 keep-alive: one answer per request until the peer closes.
+    fn serve(conn: TcpStream, delay: Duration, calls: &AtomicUsize, stop: &AtomicBool) {
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+        let Ok(mut out) = conn.try_clone() else {
+            return;
+        };
+        let mut r = BufReader::new(conn);
+        while !stop.load(Ordering::SeqCst) {
+            let mut len = 0usize;
+            let mut line = String::new();
+            loop {
+                line.clear();
+                match r.read_line(&mut line) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                let l = line.trim_end();
+                if l.is_empty() {
+                    break;
+                }
+                if let Some((k, v)) = l.split_once(':') {
+                    if k.eq_ignore_ascii_case("content-length") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                }
+            }
+            let mut body = vec![0; len];
+            if r.read_exact(&mut body).is_err() {
+                return;
+            }
+            calls.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(delay);
+            let answer = br#"{"allowed": true}"#;
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                answer.len()
+            );
+            if out.write_all(head.as_bytes()).is_err() || out.write_all(answer).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for SlowQuota {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+#[test]
+fn a_body_that_arrives_during_a_callout_is_read_and_checked_after_it() {
+    let quota = SlowQuota::start(Duration::from_millis(400));
+    let cfg = json!({
+        "quota": {"cluster": "quota", "mode": "check", "timeout_ms": 5000,
+                  "failure_mode": "deny"},
+        "routes": [{"name": "q", "match": {"path": "/q"}, "auth": {"mode": "none"},
+                    "quota": true,
+                    "json_schema": {"type": "object", "required": ["id"],
+                                    "properties": {"id": {"type": "integer"}}}}],
+        "default_route": {"auth": {"mode": "none"}}
+    });
+    let envoy = Envoy::builder(&cfg.to_string())
+        .full_wasm()
+        .cluster("quota", quota.port)
+        .start();
+    // The whole request is sent at once: its body reaches the filter while the quota
+    // callout (400 ms) holds it, and is read from Envoy's buffer once the answer is in.
+    let r = envoy
+        .req("POST", "/q")
+        .header("content-type", "application/json")
+        .body("{\"id\": 5}")
+        .send();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["body"], "{\"id\": 5}");
+    let r = envoy
+        .req("POST", "/q")
+        .header("content-type", "application/json")
+        .body("{\"id\": \"5\"}")
+        .send();
+    assert_schema_refusal(&r, "/id", "type");
+    // Part during the callout, the rest after it.
+    let mut s = TcpStream::connect(("127.0.0.1", envoy.port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    s.write_all(
+        b"POST /q HTTP/1.1\r\nhost: localhost\r\ntransfer-encoding: chunked\r\n\
+          connection: close\r\n\r\n5\r\n{\"id\"\r\n",
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    s.write_all(b"5\r\n: 42}\r\n0\r\n\r\n").unwrap();
+    let r = read_response(&mut BufReader::new(s)).expect("a response");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["body"], "{\"id\": 42}");
+    assert_eq!(
+        quota.calls.load(Ordering::SeqCst),
+        3,
+        "each request waited on its callout"
+    );
+    assert_eq!(
+        received_bodies(&envoy),
+        vec![b"{\"id\": 5}".to_vec(), b"{\"id\": 42}".to_vec()]
+    );
+}
+
+fn received_bodies(envoy: &Envoy) -> Vec<Vec<u8>> {
+    envoy.received().into_iter().map(|r| r.body).collect()
 }
 
 #[test]
