@@ -15,6 +15,9 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 WASM := target/wasm32-wasip1/release/api_guard.wasm
+# The same filter with the JSON Schema validator (`json_schema` routes; docs/CONFIG.md):
+# cargo feature `json-schema`, which more than doubles the .wasm, so it is a second artifact.
+WASM_FULL := target/wasm32-wasip1/release/api_guard_full.wasm
 MODULE := target/release/libapi_guard.so
 # The release profile unwinds (the native module catches panics at every hook and answers
 # 500); the wasm aborts instead: the VM is its sandbox, and unwinding tables only cost size.
@@ -30,8 +33,14 @@ all: build
 tools:
 	@scripts/tools.sh wasm clang envoy redis promtool
 
+# Both .wasm files: cargo writes either build to $(WASM), so the full one is built first and
+# copied aside. Switching features recompiles only the api-guard crate itself (a cdylib's
+# output is not kept per feature set), not its dependencies.
 wasm:
 	@scripts/tools.sh wasm clang
+	@echo "==> building the filter with the JSON Schema validator ($(WASM_FULL))"
+	$(CARGO) build --release --target wasm32-wasip1 --lib --features json-schema $(WASM_FLAGS)
+	cp $(WASM) $(WASM_FULL)
 	@echo "==> building the filter ($(WASM))"
 	$(CARGO) build --release --target wasm32-wasip1 --lib $(WASM_FLAGS)
 
@@ -64,6 +73,7 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy --release --target wasm32-wasip1 --lib $(WASM_FLAGS) -- -D warnings
+	$(CARGO) clippy --release --target wasm32-wasip1 --lib --features json-schema $(WASM_FLAGS) -- -D warnings
 
 fuzz:
 	@scripts/fuzz.sh

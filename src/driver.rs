@@ -186,8 +186,8 @@ impl Driver {
             host.log(
                 LogLevel::Error,
                 format_args!(
-                    "api-guard: a request on route '{}', held for its body (webhook signature \
-                     or max_body_bytes), ended without its body ever reaching the filter. If \
+                    "api-guard: a request on route '{}', held for its body (webhook signature, \
+                     max_body_bytes or json_schema), ended without its body ever reaching the filter. If \
                      such requests hang with no answer until the client gives up, set \
                      `allow_on_headers_stop_iteration: true` in the Wasm plugin config: with Envoy's default (false), holding the request headers \
                      also withholds the body from the filter",

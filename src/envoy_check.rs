@@ -479,19 +479,24 @@ fn lint_wasm(cfg_path: &str, wasm: &Value, raw: &Value, report: &mut Report) {
         .get("allow_on_headers_stop_iteration")
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    // A route's max_body_bytes holds a body of unknown length the same way.
-    let counts_bodies = raw
-        .get("routes")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .chain(raw.get("default_route"))
-        .any(|r| r.get("max_body_bytes").is_some());
-    if (has_webhooks || counts_bodies) && !stop_ok {
+    let policies = || {
+        raw.get("routes")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .chain(raw.get("default_route"))
+    };
+    // A route's max_body_bytes holds a body of unknown length the same way, and a
+    // json_schema route holds every body.
+    let counts_bodies = policies().any(|r| r.get("max_body_bytes").is_some());
+    let schema = policies().any(|r| r.get("json_schema").is_some_and(|s| !s.is_null()));
+    if (has_webhooks || counts_bodies || schema) && !stop_ok {
         let what = if has_webhooks {
             "webhooks are configured"
-        } else {
+        } else if counts_bodies {
             "a route sets max_body_bytes"
+        } else {
+            "a route sets json_schema"
         };
         report.error(
             join(cfg_path, "allow_on_headers_stop_iteration"),
@@ -501,6 +506,20 @@ fn lint_wasm(cfg_path: &str, wasm: &Value, raw: &Value, report: &mut Report) {
                  body the filter must see hangs until Envoy's timeout. Add \
                  `allow_on_headers_stop_iteration: true`"
             ),
+        );
+    }
+    let file = wasm
+        .pointer("/vm_config/code/local/filename")
+        .or_else(|| wasm.pointer("/vm_config/code/remote/http_uri/uri"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if schema && file.rsplit(['/', '\\']).next() == Some("api_guard.wasm") {
+        // The base .wasm has no validator and refuses such a config at load.
+        report.error(
+            join(cfg_path, "vm_config.code"),
+            "a route sets json_schema, which needs api_guard_full.wasm (or the dynamic \
+             module): api_guard.wasm is built without a JSON Schema validator and refuses \
+             this config",
         );
     }
     let fail_open = wasm.get("failure_policy").and_then(Value::as_str) == Some("FAIL_OPEN")
@@ -720,6 +739,56 @@ mod tests {
             &[],
         );
         assert_eq!(check(&doc, &no_env).errors(), 0);
+    }
+
+    #[test]
+    fn a_json_schema_route_needs_the_full_wasm() {
+        let cfg = json!({
+            "routes": [ { "name": "up", "match": { "path": "/up" }, "auth": { "mode": "none" },
+                          "json_schema": { "type": "object" } } ],
+            "default_route": { "auth": { "mode": "none" } }
+        });
+        let doc = bootstrap(
+            json!({ "use_remote_address": true }),
+            vec![
+                wasm_filter(&cfg, json!({ "allow_on_headers_stop_iteration": true })),
+                router(),
+            ],
+            &[],
+        );
+        let r = check(&doc, &no_env);
+        assert!(
+            r.findings.iter().any(|f| f.severity == Severity::Error
+                && f.path.ends_with("vm_config.code")
+                && f.message.contains("api_guard_full.wasm")),
+            "{:?}",
+            r.findings
+        );
+        let mut full = wasm_filter(&cfg, json!({ "allow_on_headers_stop_iteration": true }));
+        full["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] =
+            json!("/etc/envoy/api_guard_full.wasm");
+        let doc = bootstrap(
+            json!({ "use_remote_address": true }),
+            vec![full, router()],
+            &[],
+        );
+        assert_eq!(
+            check(&doc, &no_env).errors(),
+            0,
+            "{:?}",
+            check(&doc, &no_env).findings
+        );
+        // It holds bodies: stop iteration is needed as for max_body_bytes.
+        let doc = bootstrap(
+            json!({ "use_remote_address": true }),
+            vec![wasm_filter(&cfg, json!({})), router()],
+            &[],
+        );
+        assert!(check(&doc, &no_env)
+            .findings
+            .iter()
+            .any(|f| f.path.ends_with("allow_on_headers_stop_iteration")
+                && f.message.contains("json_schema")));
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //! the order of SPEC section 3 (route → path checks → CORS preflight → per-IP/route limits →
 //! credentials → scopes → key sharing → per-client limits → quota → webhook body check → forward), with the
 //! request hygiene checks where the pipeline runs them (the declared body size and content
-//! type after the CORS preflight; a body of unknown length and the backend ceiling last,
-//! before forwarding), and the settings each step applies. A reviewer reads this to see that a config does what its author
+//! type after the CORS preflight; a body of unknown length, the `json_schema` check and the
+//! backend ceiling last, before forwarding), and the settings each step applies. A reviewer reads this to see that a config does what its author
 //! thinks; it is a pure function of the compiled config, so it cannot drift from what the
 //! filter runs (the same `config::parse` builds both).
 
@@ -27,7 +27,7 @@ pub const STEPS: [&str; 14] = [
     "per-client limits",
     "quota",
     "webhook body check",
-    "body of unknown length",
+    "body of unknown length, json_schema",
     "backend ceiling",
     "forward",
 ];
@@ -266,13 +266,24 @@ fn declared_body(p: &Policy) -> String {
 }
 
 fn unknown_length_body(p: &Policy) -> String {
-    match p.hygiene.as_ref().and_then(|h| h.max_body_bytes) {
-        Some(n) => format!(
-            "a body without content-length (chunked) is held and counted: over {n} bytes, 413 \
-             payload_too_large before any byte is forwarded"
-        ),
-        None => "skipped (no max_body_bytes)".into(),
+    let h = p.hygiene.as_ref();
+    let Some(n) = h.and_then(|h| h.max_body_bytes) else {
+        return "skipped (no max_body_bytes)".into();
+    };
+    let mut text = format!(
+        "a body without content-length (chunked) is held and counted: over {n} bytes, 413 \
+         payload_too_large before any byte is forwarded"
+    );
+    if let Some(s) = h.and_then(|h| h.json_schema.as_ref()) {
+        let _ = write!(
+            text,
+            "\nevery non-empty body is held to its end and must be JSON (no duplicate keys) \
+             satisfying json_schema (draft {}), whatever its content-type: otherwise 400 \
+             invalid_request naming the failing JSON pointer and keyword",
+            s.draft
+        );
     }
+    text
 }
 
 fn backend_ceiling(c: Option<&BackendCeilingConfig>) -> String {
@@ -787,6 +798,28 @@ mod tests {
         assert_eq!(login[3].1, "none (no max_body_bytes or content_types)");
         assert_eq!(login[11].1, "skipped (no max_body_bytes)");
         assert_eq!(login[12].1, "skipped (no backend_ceiling)");
+    }
+
+    #[test]
+    fn a_json_schema_route_shows_its_body_check() {
+        let out = explain_json(
+            r#"{"routes": [{"name": "orders", "match": {"path": "/orders"},
+                "json_schema": {"$schema": "http://json-schema.org/draft-07/schema#",
+                                "type": "object"}}]}"#,
+        );
+        let orders = block(&out, "route 1 \"orders\"");
+        assert_eq!(orders[11].0, "body of unknown length, json_schema");
+        assert!(
+            orders[3].1.contains("over 1048576 bytes: 413"),
+            "the default cap of a json_schema route: {out}"
+        );
+        assert!(
+            orders[11].1.contains(
+                "must be JSON (no duplicate keys) satisfying json_schema (draft 7), whatever its \
+                 content-type: otherwise 400 invalid_request naming the failing JSON pointer"
+            ),
+            "{out}"
+        );
     }
 
     #[test]

@@ -25,7 +25,7 @@ use std::sync::OnceLock;
 pub type Target = fn(&[u8]);
 
 /// Every target, by the name its `fuzz/fuzz_targets/<name>.rs` and `fuzz/corpus/<name>/` use.
-pub const TARGETS: [(&str, Target); 9] = [
+pub const TARGETS: [(&str, Target); 10] = [
     ("config", config),
     ("jwt", jwt),
     ("jwks", jwks),
@@ -35,6 +35,7 @@ pub const TARGETS: [(&str, Target); 9] = [
     ("webhook", webhook),
     ("quota_answer", quota_answer),
     ("lease_answer", lease_answer),
+    ("json_body", json_body),
 ];
 
 fn text(data: &[u8]) -> std::borrow::Cow<'_, str> {
@@ -979,6 +980,93 @@ pub fn lease_answer(data: &[u8]) {
     );
 }
 
+// ------------------------------------------------------------------------------ json body
+
+/// The schema `json_body` checks against, with [`json_body_oracle`] its independent reading.
+const JSON_BODY_SCHEMA: &str = r#"{
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object", "required": ["a"],
+    "properties": {"a": {"type": "integer", "minimum": 0},
+                   "b": {"type": "array", "items": {"type": "string"}, "maxItems": 3}},
+    "additionalProperties": {"type": "boolean"}
+}"#;
+
+/// [`JSON_BODY_SCHEMA`] by hand: an object with an integer `a` >= 0 (1.0 is an integer), an
+/// optional `b` of at most 3 strings, and booleans for any other key.
+fn json_body_oracle(v: &Value) -> bool {
+    let Some(o) = v.as_object() else {
+        return false;
+    };
+    let a_ok = o.get("a").and_then(Value::as_f64).is_some_and(|a| {
+        let n = &o["a"];
+        (n.is_i64() || n.is_u64() || a.fract() == 0.0) && a >= 0.0
+    });
+    let b_ok = o.get("b").is_none_or(|b| {
+        b.as_array()
+            .is_some_and(|items| items.len() <= 3 && items.iter().all(Value::is_string))
+    });
+    let rest_ok = o
+        .iter()
+        .filter(|(k, _)| *k != "a" && *k != "b")
+        .all(|(_, v)| v.is_boolean());
+    a_ok && b_ok && rest_ok
+}
+
+/// A request body through a route's `json_schema` check (the whole input is the body). The
+/// verdict agrees with an independent reading of the schema; an accepted body is JSON; a
+/// "not valid JSON" refusal is of bytes serde_json refuses too, or of an object with a
+/// duplicate key, and names a byte inside the body; a schema refusal names a pointer that
+/// resolves in the body and a keyword; messages are bounded; the same body, the same answer.
+pub fn json_body(data: &[u8]) {
+    use crate::hygiene::schema::Refusal;
+    use crate::hygiene::JsonSchema;
+    static SCHEMA: OnceLock<JsonSchema> = OnceLock::new();
+    let schema = SCHEMA.get_or_init(|| {
+        let v: Value = serde_json::from_str(JSON_BODY_SCHEMA).expect("the schema is JSON");
+        JsonSchema::compile("fuzz", &v).expect("the schema compiles")
+    });
+    let verdict = schema.check(data);
+    assert_eq!(verdict, schema.check(data), "deterministic");
+    let parsed = serde_json::from_slice::<Value>(data);
+    match verdict {
+        Ok(()) => {
+            let v = parsed.expect("an accepted body is JSON");
+            assert!(json_body_oracle(&v), "accepted against the schema: {v}");
+        }
+        Err(Refusal {
+            message,
+            pointer: None,
+            keyword,
+        }) => {
+            assert_eq!(keyword, None);
+            let at = message
+                .strip_prefix("request body is not valid JSON at byte ")
+                .and_then(|r| r.split(':').next())
+                .and_then(|n| n.parse::<usize>().ok())
+                .unwrap_or_else(|| panic!("no byte offset: {message}"));
+            assert!(at <= data.len(), "{message}");
+            if parsed.is_ok() {
+                assert!(message.contains("duplicate object key"), "{message}");
+            }
+            assert!(message.chars().count() <= 401, "{message}");
+        }
+        Err(Refusal {
+            message,
+            pointer: Some(pointer),
+            keyword,
+        }) => {
+            let v = parsed.expect("a schema refusal is of JSON");
+            assert!(!json_body_oracle(&v), "refused ({message}) but valid: {v}");
+            assert!(keyword.is_some_and(|k| !k.is_empty()), "{message}");
+            // Pointers are cut at 200 characters (client keys); a whole one resolves.
+            if pointer.chars().count() < 200 {
+                assert!(v.pointer(&pointer).is_some(), "{pointer} in {v}");
+            }
+            assert!(message.chars().count() <= 401, "{message}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1020,6 +1108,31 @@ mod tests {
             assert!(webhook_oracle(scheme, &k, &refs, b"{\"a\":1}"), "{scheme}");
             assert!(!webhook_oracle(scheme, &k, &refs, b"{\"a\":2}"), "{scheme}");
         }
+    }
+
+    #[test]
+    fn json_body_holds_on_every_one_byte_edit_of_its_seeds() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/json_body");
+        let mut seeds = 0;
+        for e in std::fs::read_dir(dir).unwrap() {
+            let seed = std::fs::read(e.unwrap().path()).unwrap();
+            seeds += 1;
+            for i in 0..=seed.len() {
+                for b in b"\"{}[],:1.-e tfn\\\xff" {
+                    let mut edit = seed.clone();
+                    edit.insert(i, *b);
+                    json_body(&edit);
+                    if i < seed.len() {
+                        edit.remove(i);
+                        edit[i] = *b;
+                        json_body(&edit);
+                        edit.remove(i);
+                        json_body(&edit);
+                    }
+                }
+            }
+        }
+        assert!(seeds >= 5);
     }
 
     #[test]

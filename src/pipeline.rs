@@ -3,8 +3,8 @@
 //! Order: route → path checks → CORS preflight → request hygiene (declared body size, content
 //! type) → adaptive tightening (`adaptive`: the route's rate against its baseline) →
 //! per-IP/route limits → credentials → scopes → key sharing (`abuse`) → per-client
-//! limits → quota → webhook body check → body size of a body of unknown length → backend
-//! ceiling → forward.
+//! limits → quota → webhook body check → body size of a body of unknown length and the
+//! `json_schema` check → backend ceiling → forward.
 //!
 //! The glue reads the request once into a [`Request`], keeps an [`Exchange`] per request and
 //! calls [`on_request_headers`]. A stage that needs the host to do something asynchronous (an
@@ -89,7 +89,8 @@ pub enum Stage {
 pub enum Wait {
     /// Hold the request and feed its body to [`on_request_body`] as it arrives (webhook
     /// signatures cover the body; a body of unknown length is counted against
-    /// `max_body_bytes`); forward nothing until that says so.
+    /// `max_body_bytes`; a `json_schema` route's body is checked whole); forward nothing
+    /// until that says so.
     Body,
     /// Fetch the remote JWKS of `jwt_providers[provider]` (index in `cfg.auth.providers`),
     /// store it with `auth::remote_jwks::store_result`, set `Exchange::jwks_fetched`, re-run.
@@ -290,10 +291,13 @@ pub fn waits_for_body(ex: &Exchange) -> bool {
 /// it, so a client's oversized body is never copied into the VM. Counting a body's size
 /// needs no bytes at all (0).
 pub fn body_read_limit(ex: &Exchange) -> usize {
+    // A `json_schema` route copies every byte any body check reads (up to its limit).
+    let copy = hygiene_stage::schema_read_limit(ex);
     if webhook_stage::waits_for_body(ex) {
-        webhook_stage::body_read_limit(ex)
+        let hook = webhook_stage::body_read_limit(ex);
+        copy.map_or(hook, |c| c.min(hook))
     } else if ex.hygiene.waiting {
-        0
+        copy.unwrap_or(0)
     } else {
         usize::MAX
     }
@@ -336,11 +340,21 @@ pub fn on_request_body_total(
         ex.stage = Stage::Done;
         return BodyVerdict::Reply(r);
     }
+    hygiene_stage::copy_body(ex, chunk);
     if ex.hygiene.waiting && !webhook_stage::waits_for_body(ex) {
         if !ex.body_ended {
             return BodyVerdict::More;
         }
         ex.hygiene.waiting = false;
+        if hygiene_stage::copy_incomplete(ex) {
+            // The host reported bytes it did not hand over: the body stage would wait for
+            // them forever. Refuse rather than forward an unchecked body.
+            ex.stage = Stage::Done;
+            return BodyVerdict::Reply(LocalReply::new(
+                ErrorCode::InternalError,
+                "the request body could not be read for its json_schema check",
+            ));
+        }
         return BodyVerdict::Continue;
     }
     match webhook_stage::on_body(ex, chunk, end_of_stream, env) {

@@ -315,6 +315,10 @@ fn world_doc(es: &SigningKey, ed: &ed25519_compact::KeyPair) -> Value {
              "rate_limits": ["per-client"],
              "max_body_bytes": 64, "content_types": ["application/json", "text/*"],
              "backend_ceiling": {"max_rps": 1, "max_in_flight": 2}},
+            {"name": "schema", "match": {"prefix": "/schema"}, "auth": {"mode": "none"},
+             "max_body_bytes": 128,
+             "json_schema": {"type": "object", "required": ["id"],
+                             "properties": {"id": {"type": "integer"}}}},
             {"name": "legacy", "match": {"route_name": "legacy"},
              "auth": {"mode": "required", "methods": ["api_key"]}},
             {"name": "gh", "match": {"methods": ["POST"], "path": "/webhooks/github"},
@@ -448,6 +452,7 @@ const ROUTE_PATHS: &[&str] = &[
     "/remote/r2",
     "/partner/p2",
     "/open/o",
+    "/schema/s",
     "/",
     "/unmatched",
 ];
@@ -566,8 +571,10 @@ fn token(t: &mut Tape, w: &World, path: &str, now_s: u64, signed: &mut Signed) -
     let mut raw_payload: Option<Vec<u8>> = None;
     if t.chance(25) {
         let m = t.below(16);
-        // jku/jwk are ignored, and without a kid every key of the alg is tried.
-        header_ok = matches!(m, 9 | 10 | 13);
+        // jku/jwk are ignored, and without a kid every key of the alg is tried. A key that
+        // has no kid (the partner's) is tried for any kid too (`jwks::select`, as Envoy's
+        // jwt_verify_lib), so an unknown kid is refused only by providers whose keys have one.
+        header_ok = matches!(m, 9 | 10 | 13) || (m == 6 && kid.is_none());
         match m {
             0 => header["alg"] = "none".into(),
             1 => header["alg"] = "NoNe".into(),
@@ -1076,6 +1083,32 @@ struct Req {
     now_ms: u64,
 }
 
+/// A body for the `schema` route (`{"id": <integer>}` required): valid, invalid, not JSON,
+/// duplicate keys, over its 128-byte limit.
+fn schema_body(t: &mut Tape) -> Vec<u8> {
+    let fixed: &[&str] = &[
+        r#"{"id": 1}"#,
+        r#" {"id":-7, "note": "x"} "#,
+        r#"{"id": 1.0}"#,
+        r#"{"id": 1e3}"#,
+        r#"{"id": 18446744073709551616}"#,
+        r#"{"id": "1"}"#,
+        r#"{"idx": 1}"#,
+        r#"[{"id": 1}]"#,
+        r#"{"id": 1, "id": "x"}"#,
+        r#"{"id": 1}x"#,
+        r#"{"id": 1"#,
+        "\u{feff}{\"id\": 1}",
+        "",
+        "null",
+    ];
+    match t.below(4) {
+        0..=1 => t.pick(fixed).as_bytes().to_vec(),
+        2 => format!(r#"{{"id": 1, "pad": "{}"}}"#, "p".repeat(t.below(200))).into_bytes(),
+        _ => t.bytes(200),
+    }
+}
+
 fn request(t: &mut Tape, w: &World, now_ms: u64, signed: &mut Signed) -> Req {
     let now_s = now_ms / 1000;
     let path = path(t);
@@ -1108,6 +1141,8 @@ fn request(t: &mut Tape, w: &World, now_ms: u64, signed: &mut Signed) -> Req {
         let (h, b) = webhook_delivery(t, w, route, now_s, signed);
         headers.extend(h);
         body = b;
+    } else if path.starts_with("/schema") && !t.chance(30) {
+        body = schema_body(t);
     } else if t.chance(30) {
         body = t.bytes(200);
     }
@@ -2340,6 +2375,30 @@ fn check_hygiene_forward(cfg: &Config, r: &Req, run: &Run) -> Result<(), TestCas
             Some(n) => prop_assert!(n <= limit as u64, "declared {} over {}", n, limit),
             None => prop_assert!(actual <= limit, "body of {} over {}", actual, limit),
         }
+    }
+    // json_schema: a forwarded non-empty body is JSON with an integer "id" (independent of
+    // the filter's validator: serde_json and a hand check).
+    let body: Vec<u8> = r.chunks.concat();
+    if h.json_schema.is_some() && !body.is_empty() {
+        let v: Result<Value, _> = serde_json::from_slice(&body);
+        prop_assert!(
+            v.is_ok(),
+            "forwarded a body that is not JSON: {:?} {:?} chunks {:?}",
+            body,
+            r.headers,
+            r.chunks
+        );
+        let id = v.ok().and_then(|v| v.get("id").cloned());
+        let integer = id.as_ref().is_some_and(|n| {
+            n.is_i64() || n.is_u64() || n.as_f64().is_some_and(|f| f.fract() == 0.0)
+        });
+        prop_assert!(integer, "forwarded without an integer id: {:?}", body);
+        let text = String::from_utf8_lossy(&body);
+        prop_assert!(
+            text.matches("\"id\"").count() == 1,
+            "forwarded with a repeated key: {:?}",
+            text
+        );
     }
     let has_body = match declared {
         Some(n) => n > 0,

@@ -67,7 +67,8 @@ pub struct Policy {
     pub webhook: Option<String>,
     /// `rate_limits` resolved and split into pre-auth / post-auth stages.
     pub limits: crate::ratelimit::RoutePlan,
-    /// `max_body_bytes`, `content_types`, `backend_ceiling`; `None` when none is set.
+    /// `max_body_bytes`, `content_types`, `json_schema`, `backend_ceiling`; `None` when none
+    /// is set.
     pub hygiene: Option<crate::hygiene::Hygiene>,
     /// Adaptive tightening (`adaptive`); its `prepare` must run in `on_configure`.
     pub adaptive: Option<crate::abuse::adaptive::Adaptive>,
@@ -587,6 +588,7 @@ pub fn compile(raw: RawConfig, env: EnvLookup<'_>) -> Result<(Config, Vec<Warnin
             &format!("ag:ceil:r:{}", r.name),
             r.max_body_bytes,
             r.content_types.as_deref(),
+            r.json_schema.as_ref(),
             r.backend_ceiling.as_ref(),
         )?;
         policy.adaptive = r
@@ -626,6 +628,7 @@ pub fn compile(raw: RawConfig, env: EnvLookup<'_>) -> Result<(Config, Vec<Warnin
                 "ag:ceil:d",
                 d.max_body_bytes,
                 d.content_types.as_deref(),
+                d.json_schema.as_ref(),
                 d.backend_ceiling.as_ref(),
             )?;
             policy.adaptive = d

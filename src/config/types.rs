@@ -467,6 +467,9 @@ pub struct RouteConfig {
     pub max_body_bytes: Option<u64>,
     /// Request hygiene: media types a request body may have (415 `unsupported_media_type`).
     pub content_types: Option<Vec<String>>,
+    /// Request hygiene: a JSON Schema every request body must satisfy (400
+    /// `invalid_request`); kept as JSON, compiled by `hygiene::schema`.
+    pub json_schema: Option<serde_json::Value>,
     /// Request hygiene: a cap on the backend's load (503 `backend_overloaded`).
     pub backend_ceiling: Option<BackendCeilingConfig>,
     /// Adaptive tightening while the route's request rate surges.
@@ -490,6 +493,9 @@ pub struct PolicyConfig {
     pub max_body_bytes: Option<u64>,
     /// Request hygiene: media types a request body may have (415 `unsupported_media_type`).
     pub content_types: Option<Vec<String>>,
+    /// Request hygiene: a JSON Schema every request body must satisfy (400
+    /// `invalid_request`); kept as JSON, compiled by `hygiene::schema`.
+    pub json_schema: Option<serde_json::Value>,
     /// Request hygiene: a cap on the backend's load (503 `backend_overloaded`).
     pub backend_ceiling: Option<BackendCeilingConfig>,
     /// Adaptive tightening while the route's request rate surges.

@@ -872,3 +872,145 @@ fn the_backend_ceiling_counts_in_flight_until_every_kind_of_stream_end() {
     let (_, a) = start(&mut h);
     assert_eq!(a, Action::Continue);
 }
+
+fn schema_config() -> Value {
+    json!({
+        "quota": {"cluster": "quota", "timeout_ms": 80},
+        "webhooks": {"gh": {"scheme": "github", "secrets": [{"env": "HOOK_SECRET"}]}},
+        "routes": [
+            {"name": "orders", "match": {"path": "/orders"}, "max_body_bytes": 64,
+             "json_schema": {"type": "object", "required": ["qty"],
+                             "properties": {"qty": {"type": "integer", "minimum": 1}}}},
+            {"name": "q", "match": {"path": "/q"}, "quota": true,
+             "json_schema": {"required": ["qty"]}},
+            {"name": "hook", "match": {"path": "/hook"}, "webhook": "gh",
+             "json_schema": {"required": ["qty"]}}
+        ]
+    })
+}
+
+fn reply_json(h: &FakeHost) -> Value {
+    serde_json::from_str(&sent(h).body_text()).unwrap()
+}
+
+#[test]
+fn a_json_schema_body_is_copied_as_it_streams_and_checked_whole() {
+    let mut h = FakeHost::new();
+    let w = worker(schema_config(), &mut h);
+    h.request("POST", "/orders", &[("transfer-encoding", "chunked")]);
+    let mut d = Driver::new(Rc::clone(&w));
+    assert_eq!(d.on_request_headers(&mut h, false), Action::Pause);
+    h.body.extend_from_slice(b"{\"qty\":");
+    assert_eq!(d.on_request_body(&mut h, 7, false), Action::Pause);
+    h.body.extend_from_slice(b" 2}");
+    assert_eq!(d.on_request_body(&mut h, 10, true), Action::Continue);
+    assert!(h.sent.is_none());
+    assert!(
+        h.largest_body_read <= 65,
+        "never more than the limit plus one"
+    );
+    assert_eq!(h.counter("api_guard.allowed"), 1);
+
+    // Invalid: 400 naming the pointer and keyword; never resumed.
+    h.request("POST", "/orders", &[("content-length", "10")]);
+    let mut d = Driver::new(Rc::clone(&w));
+    assert_eq!(d.on_request_headers(&mut h, false), Action::Pause);
+    h.body.extend_from_slice(b"{\"qty\": 0}");
+    assert_eq!(d.on_request_body(&mut h, 10, true), Action::Pause);
+    assert_reply(&h, 400, "invalid_request");
+    let v = reply_json(&h);
+    assert_eq!(
+        (v["pointer"].as_str(), v["keyword"].as_str()),
+        (Some("/qty"), Some("minimum"))
+    );
+    assert_eq!(h.resumed, 0);
+    assert_eq!(h.counter("api_guard.allowed"), 1);
+
+    // No body: nothing to hold or check.
+    h.request("POST", "/orders", &[("content-length", "0")]);
+    let mut d = Driver::new(Rc::clone(&w));
+    assert_eq!(d.on_request_headers(&mut h, true), Action::Continue);
+
+    // Over the limit while streaming: 413 without copying past it.
+    h.request("POST", "/orders", &[("transfer-encoding", "chunked")]);
+    let mut d = Driver::new(w);
+    assert_eq!(d.on_request_headers(&mut h, false), Action::Pause);
+    h.body = vec![b' '; 65];
+    assert_eq!(d.on_request_body(&mut h, 65, false), Action::Pause);
+    assert_eq!(sent(&h).status, 413);
+    assert!(h.largest_body_read <= 65);
+}
+
+#[test]
+fn a_json_schema_body_that_arrived_during_a_callout_is_read_then_checked() {
+    let mut h = FakeHost::new();
+    let w = worker(schema_config(), &mut h);
+    for (body, status) in [
+        (&b"{\"qty\": 1}"[..], None),
+        (&b"{\"n\": 1}"[..], Some(400)),
+    ] {
+        h.request("POST", "/q", &[("content-length", "10")]);
+        let mut d = Driver::new(Rc::clone(&w));
+        assert_eq!(d.on_request_headers(&mut h, false), Action::Pause);
+        let call = h.callouts.last().unwrap().clone();
+        h.body = body.to_vec();
+        // Held for the callout: buffered, not read.
+        assert_eq!(d.on_request_body(&mut h, body.len(), true), Action::Pause);
+        assert_eq!(h.largest_body_read, 0);
+        d.on_callout_done(&mut h, call.token, Some(&ok(200, r#"{"allowed":true}"#)));
+        match status {
+            None => {
+                assert!(h.sent.is_none(), "{}", sent(&h).body_text());
+                assert_eq!(h.resumed, 1);
+            }
+            Some(s) => {
+                assert_eq!(sent(&h).status, s, "{}", sent(&h).body_text());
+                assert_eq!(h.resumed, 0);
+            }
+        }
+    }
+    // A host that reports bytes it does not hand over: refused, never forwarded unchecked.
+    h.request("POST", "/q", &[("content-length", "10")]);
+    let mut d = Driver::new(w);
+    assert_eq!(d.on_request_headers(&mut h, false), Action::Pause);
+    let call = h.callouts.last().unwrap().clone();
+    h.body = b"{\"qty\"".to_vec();
+    assert_eq!(d.on_request_body(&mut h, 10, true), Action::Pause);
+    d.on_callout_done(&mut h, call.token, Some(&ok(200, r#"{"allowed":true}"#)));
+    assert_eq!(sent(&h).status, 500);
+    assert_eq!(h.resumed, 0);
+}
+
+#[test]
+fn a_webhook_body_is_read_once_for_the_signature_and_the_schema() {
+    use hmac::{Hmac, Mac};
+    let sig = |body: &[u8]| {
+        let mut m = Hmac::<sha2::Sha256>::new_from_slice(GH_SECRET.as_bytes()).unwrap();
+        m.update(body);
+        format!("sha256={}", hex::encode(m.finalize().into_bytes()))
+    };
+    let mut h = FakeHost::new();
+    let w = worker(schema_config(), &mut h);
+    for (body, status) in [
+        (&b"{\"qty\": 3}"[..], None),
+        (&b"{\"n\": 3}"[..], Some(400)),
+    ] {
+        h.request("POST", "/hook", &[("x-hub-signature-256", &sig(body))]);
+        let mut d = Driver::new(Rc::clone(&w));
+        assert_eq!(d.on_request_headers(&mut h, false), Action::Pause);
+        h.body.extend_from_slice(&body[..4]);
+        assert_eq!(d.on_request_body(&mut h, 4, false), Action::Pause);
+        h.body.extend_from_slice(&body[4..]);
+        let action = d.on_request_body(&mut h, body.len(), true);
+        match status {
+            None => {
+                assert_eq!(action, Action::Continue);
+                assert!(h.sent.is_none(), "{}", sent(&h).body_text());
+            }
+            Some(s) => {
+                assert_eq!(sent(&h).status, s);
+                assert_eq!(reply_json(&h)["keyword"], "required");
+            }
+        }
+    }
+}

@@ -1,19 +1,23 @@
 //! Request hygiene (SPEC section 2, per route): `max_body_bytes` (413), `content_types`
-//! (415) and `backend_ceiling` (503). Compiled here from the route's fields; the stages that
-//! apply them are in [`stage`], the cross-worker ceiling counters in [`ceiling`].
+//! (415), `json_schema` (400) and `backend_ceiling` (503). Compiled here from the route's
+//! fields; the stages that apply them are in [`stage`], the schema in [`schema`], the
+//! cross-worker ceiling counters in [`ceiling`].
 //!
 //! Where they run (pipeline order): the header checks (a declared `content-length` over the
 //! limit, the content type) right after the CORS preflight, before any limit or credential
-//! work; a body of unknown length (chunked) is held and counted after the webhook stage, just
-//! before the ceiling, which is the last check before forwarding.
+//! work; the body stage after the webhook check holds a body of unknown length (chunked) and
+//! counts it, and holds and validates the body of a `json_schema` route; then the ceiling,
+//! the last check before forwarding.
 
 pub mod ceiling;
+pub mod schema;
 pub mod stage;
 
 use crate::config::{BackendCeilingConfig, ConfigError};
 use crate::headers::is_token;
 
 pub use ceiling::Ceiling;
+pub use schema::JsonSchema;
 
 /// Largest `max_body_bytes` accepted: 1 GiB. Envoy never holds more than its buffer limit
 /// anyway (`per_connection_buffer_limit_bytes`), and a 32-bit wasm `usize` must hold it.
@@ -22,9 +26,13 @@ pub const MAX_BODY_LIMIT: u64 = 1 << 30;
 /// A route's compiled hygiene checks; `None` in the policy when it has none.
 #[derive(Debug, Clone, Default)]
 pub struct Hygiene {
+    /// The route's `max_body_bytes`; for a `json_schema` route without one,
+    /// [`schema::DEFAULT_BODY_LIMIT`] (its body is read whole, so it is always bounded).
     pub max_body_bytes: Option<usize>,
     /// Accepted media ranges (lower-case `type/subtype`, `type/*` or `*/*`); empty = no check.
     pub content_types: Vec<MediaRange>,
+    /// Every non-empty request body must be JSON satisfying it.
+    pub json_schema: Option<JsonSchema>,
     pub ceiling: Option<Ceiling>,
 }
 
@@ -105,9 +113,14 @@ pub fn compile(
     store_key: &str,
     max_body_bytes: Option<u64>,
     content_types: Option<&[String]>,
+    json_schema: Option<&serde_json::Value>,
     ceiling: Option<&BackendCeilingConfig>,
 ) -> Result<Option<Hygiene>, ConfigError> {
-    if max_body_bytes.is_none() && content_types.is_none() && ceiling.is_none() {
+    if max_body_bytes.is_none()
+        && content_types.is_none()
+        && json_schema.is_none()
+        && ceiling.is_none()
+    {
         return Ok(None);
     }
     let max_body_bytes = match max_body_bytes {
@@ -125,6 +138,13 @@ pub fn compile(
             ))
         }
         Some(n) => Some(usize::try_from(n).unwrap_or(usize::MAX)),
+    };
+    let json_schema = json_schema
+        .map(|v| JsonSchema::compile(&format!("{path}.json_schema"), v))
+        .transpose()?;
+    let max_body_bytes = match (max_body_bytes, &json_schema) {
+        (None, Some(_)) => Some(schema::DEFAULT_BODY_LIMIT as usize),
+        (n, _) => n,
     };
     let mut ranges = Vec::new();
     if let Some(list) = content_types {
@@ -152,6 +172,7 @@ pub fn compile(
     Ok(Some(Hygiene {
         max_body_bytes,
         content_types: ranges,
+        json_schema,
         ceiling,
     }))
 }
@@ -194,7 +215,7 @@ mod tests {
     #[test]
     fn bad_fields_are_config_errors_naming_the_path() {
         let err = |mb, ct: Option<&[String]>, c: Option<&BackendCeilingConfig>| {
-            compile("routes[0]", "k", mb, ct, c).unwrap_err()
+            compile("routes[0]", "k", mb, ct, None, c).unwrap_err()
         };
         assert_eq!(err(Some(0), None, None).path, "routes[0].max_body_bytes");
         assert_eq!(
@@ -220,11 +241,29 @@ mod tests {
             Some(10),
             Some(&["application/json".into(), "APPLICATION/JSON".into()]),
             None,
+            None,
         )
         .unwrap()
         .unwrap();
         assert_eq!(ok.max_body_bytes, Some(10));
         assert_eq!(ok.content_types.len(), 1, "duplicates folded");
-        assert!(compile("r", "k", None, None, None).unwrap().is_none());
+        assert!(compile("r", "k", None, None, None, None).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_json_schema_route_always_has_a_body_limit() {
+        let schema = serde_json::json!({"type": "object"});
+        let h = compile("routes[1]", "k", None, None, Some(&schema), None)
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.max_body_bytes, Some(1 << 20));
+        assert!(h.json_schema.is_some());
+        let h = compile("routes[1]", "k", Some(100), None, Some(&schema), None)
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.max_body_bytes, Some(100), "the route's own limit wins");
+        let bad = serde_json::json!({"type": 5});
+        let e = compile("routes[1]", "k", None, None, Some(&bad), None).unwrap_err();
+        assert_eq!(e.path, "routes[1].json_schema");
     }
 }

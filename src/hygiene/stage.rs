@@ -8,6 +8,10 @@
 //!   soon as the running total passes the limit, before any byte is forwarded. Only the
 //!   count is needed, so nothing is copied out of the host. A declared length within the
 //!   limit is not held: Envoy's codecs never pass more body than `content-length` says.
+//!   On a `json_schema` route every body is held to its end and copied (at most the limit:
+//!   the route always has one) into [`HygieneState::schema_body`], then checked whole (400).
+//!   The copy is filled by whatever stage reads the body, the webhook check included, so a
+//!   body is read from the host once.
 //! - [`ceiling`] (`Stage::Ceiling`, the last before forwarding): the backend ceiling; an
 //!   admission counted in flight is released by [`release`] at the stream's end.
 
@@ -27,6 +31,9 @@ pub struct HygieneState {
     pub received: usize,
     /// The body stage holds the request until the body has ended.
     pub waiting: bool,
+    /// A `json_schema` route's body as read so far (`Some` from the request headers on, for
+    /// a request with a body); taken when checked.
+    pub schema_body: Option<Vec<u8>>,
     /// The ceiling's in-flight admission, released at the stream's end.
     pub lease: Option<Lease>,
 }
@@ -72,6 +79,12 @@ pub fn headers(cfg: &Config, req: &Request, ex: &mut Exchange, _env: &Env) -> St
             return Step::Reply(too_large(limit, format!("of {n} bytes")));
         }
     }
+    // Any stream that did not end with its headers, whatever it declares (a body the
+    // headers deny must not slip through unchecked): from the first body byte on, whichever
+    // stage reads it (see the module doc).
+    if h.json_schema.is_some() && (has_body(req, ex) || !ex.body_ended) {
+        ex.hygiene.schema_body = Some(Vec::new());
+    }
     if h.content_types.is_empty() || !has_body(req, ex) {
         return Step::Next;
     }
@@ -109,29 +122,90 @@ pub fn headers(cfg: &Config, req: &Request, ex: &mut Exchange, _env: &Env) -> St
     }
 }
 
-/// `Stage::Body`: holds a body of unknown length until it has ended within the limit.
+/// `Stage::Body`: holds a body of unknown length until it has ended within the limit, and
+/// a `json_schema` route's body until it can be checked whole.
 pub fn body(cfg: &Config, req: &Request, ex: &mut Exchange, _env: &Env) -> Step {
-    let Some(limit) = policy_hygiene(cfg, ex).and_then(|h| h.max_body_bytes) else {
+    let Some(h) = policy_hygiene(cfg, ex) else {
+        return Step::Next;
+    };
+    let Some(limit) = h.max_body_bytes else {
         return Step::Next;
     };
     if ex.body_ended {
         // Already counted to the end (e.g. by the webhook check).
         ex.hygiene.waiting = false;
-        return if ex.hygiene.received > limit {
-            Step::Reply(too_large(
+        if ex.hygiene.received > limit {
+            return Step::Reply(too_large(
                 limit,
                 format!("of {} bytes", ex.hygiene.received),
-            ))
-        } else {
-            Step::Next
+            ));
+        }
+        let Some(copied) = ex.hygiene.schema_body.as_ref().map(Vec::len) else {
+            return Step::Next;
+        };
+        if copied < ex.hygiene.received {
+            // The body arrived while a callout was pending: the host holds what is not
+            // copied yet.
+            ex.hygiene.waiting = true;
+            return Step::Wait(Wait::Body);
+        }
+        let body = ex.hygiene.schema_body.take().unwrap_or_default();
+        return match &h.json_schema {
+            Some(schema) => check_schema(schema, &body),
+            None => Step::Next,
         };
     }
-    if content_length(req).is_some() {
+    if content_length(req).is_some() && ex.hygiene.schema_body.is_none() {
         // Within the limit (checked at the headers), and enforced by Envoy's codec.
         return Step::Next;
     }
     ex.hygiene.waiting = true;
     Step::Wait(Wait::Body)
+}
+
+/// The schema check of a whole body. An empty body (a chunked body of no bytes) is treated
+/// as no body: not checked, as for `content_types`.
+fn check_schema(schema: &super::JsonSchema, body: &[u8]) -> Step {
+    if body.is_empty() {
+        return Step::Next;
+    }
+    match schema.check(body) {
+        Ok(()) => Step::Next,
+        Err(r) => {
+            let mut reply =
+                LocalReply::new(ErrorCode::InvalidRequest, r.message).with_policy("json_schema");
+            if let Some(p) = r.pointer {
+                reply = reply.with_field("pointer", p);
+            }
+            if let Some(k) = r.keyword {
+                reply = reply.with_field("keyword", k);
+            }
+            Step::Reply(reply)
+        }
+    }
+}
+
+/// How many more body bytes a `json_schema` route's copy may take: up to one past its limit
+/// (the limit refuses the body before that). `None`: nothing is being copied.
+pub fn schema_read_limit(ex: &Exchange) -> Option<usize> {
+    let copied = ex.hygiene.schema_body.as_ref()?.len();
+    let limit = ex.hygiene.body_limit.unwrap_or(0);
+    Some(limit.saturating_add(1).saturating_sub(copied))
+}
+
+/// Adds body bytes just read from the host to a `json_schema` route's copy.
+pub fn copy_body(ex: &mut Exchange, chunk: &[u8]) {
+    if let Some(buf) = ex.hygiene.schema_body.as_mut() {
+        buf.extend_from_slice(chunk);
+    }
+}
+
+/// Whether a `json_schema` route's copy lacks body bytes the host reported.
+pub fn copy_incomplete(ex: &Exchange) -> bool {
+    ex.hygiene
+        .schema_body
+        .as_ref()
+        .is_some_and(|b| b.len() < ex.hygiene.received)
 }
 
 /// Body progress, from any stage: `total` is the running body length. `Some` reply when it

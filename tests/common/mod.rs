@@ -143,24 +143,58 @@ pub fn wasm_path() -> PathBuf {
         }
         // As the Makefile: the wasm aborts on panic (the VM is the sandbox), the native
         // module unwinds (it catches panics at every hook).
-        let status = Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "--release",
-                "--target",
-                "wasm32-wasip1",
-                "--lib",
-                "--quiet",
-                "--config",
-                "profile.release.panic=\"abort\"",
-            ])
-            .current_dir(repo())
-            .status()
-            .expect("run cargo to build the wasm filter");
-        assert!(status.success(), "building api_guard.wasm failed");
+        build_wasm(false);
     });
     assert!(wasm.exists(), "missing {}", wasm.display());
     wasm
+}
+
+/// Builds the release `.wasm` as the Makefile does: `api_guard.wasm`, or with the
+/// `json-schema` feature (whose output cargo writes to the same file).
+fn build_wasm(full: bool) {
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args([
+        "build",
+        "--release",
+        "--target",
+        "wasm32-wasip1",
+        "--lib",
+        "--quiet",
+        "--config",
+        "profile.release.panic=\"abort\"",
+    ]);
+    if full {
+        cmd.args(["--features", "json-schema"]);
+    }
+    let status = cmd
+        .current_dir(repo())
+        .status()
+        .expect("run cargo to build the wasm filter");
+    assert!(
+        status.success(),
+        "building the wasm filter (full: {full}) failed"
+    );
+}
+
+static FULL_BUILD: Once = Once::new();
+
+/// `api_guard_full.wasm`: the filter with the JSON Schema validator (`json_schema` routes),
+/// which `make wasm` builds next to `api_guard.wasm`. Built once per test binary if absent.
+pub fn full_wasm_path() -> PathBuf {
+    let dir = target_dir().join("wasm32-wasip1/release");
+    let full = dir.join("api_guard_full.wasm");
+    FULL_BUILD.call_once(|| {
+        if skip_builds() && full.exists() {
+            return;
+        }
+        build_wasm(true);
+        std::fs::copy(dir.join("api_guard.wasm"), &full).expect("copy api_guard_full.wasm");
+        // Put the base filter back where cargo wrote the full one (recompiles only the
+        // api-guard crate: its dependencies are cached per feature set).
+        build_wasm(false);
+    });
+    assert!(full.exists(), "missing {}", full.display());
+    full
 }
 
 static MODULE_BUILD: Once = Once::new();
@@ -247,6 +281,8 @@ pub struct EnvoyBuilder {
     delivery_chosen: bool,
     module: Option<PathBuf>,
     allow_on_headers_stop_iteration: bool,
+    /// The wasm delivery loads `api_guard_full.wasm` (the JSON Schema validator).
+    full_wasm: bool,
 }
 
 impl EnvoyBuilder {
@@ -321,6 +357,13 @@ impl EnvoyBuilder {
         self
     }
 
+    /// The wasm delivery loads `api_guard_full.wasm` (with the JSON Schema validator, for
+    /// `json_schema` routes) instead of `api_guard.wasm`; no effect on the native one.
+    pub fn full_wasm(mut self) -> Self {
+        self.full_wasm = true;
+        self
+    }
+
     /// The Wasm plugin's `allow_on_headers_stop_iteration` (default here: true, as our docs
     /// require; Envoy's own default is false).
     pub fn allow_on_headers_stop_iteration(mut self, on: bool) -> Self {
@@ -380,7 +423,11 @@ impl EnvoyBuilder {
                         "vm_config": {
                             "vm_id": "api_guard",
                             "runtime": "envoy.wasm.runtime.v8",
-                            "code": {"local": {"filename": wasm_path()}},
+                            "code": {"local": {"filename": if self.full_wasm {
+                                full_wasm_path()
+                            } else {
+                                wasm_path()
+                            }}},
                             "environment_variables": {"key_values": env},
                         }
                     }
@@ -524,6 +571,7 @@ impl Envoy {
             delivery_chosen: false,
             module: None,
             allow_on_headers_stop_iteration: true,
+            full_wasm: false,
         }
     }
 

@@ -75,6 +75,19 @@ fn filter_config(path: &str, bytes: &[u8], explain: bool) -> ExitCode {
             for w in &warnings {
                 println!("warning: `{}`: {}", w.path, w.message);
             }
+            let schema = cfg
+                .routes
+                .iter()
+                .map(|r| &r.policy)
+                .chain(cfg.default_route.as_ref())
+                .any(|p| p.hygiene.as_ref().is_some_and(|h| h.json_schema.is_some()));
+            if schema {
+                // The CLI always has the validator; the base .wasm does not.
+                println!(
+                    "note: json_schema is set: load api_guard_full.wasm or the dynamic module \
+                     (the base api_guard.wasm refuses this config)"
+                );
+            }
             println!(
                 "ok: {path} is valid ({} route{}{}, {} warning{})",
                 cfg.routes.len(),
