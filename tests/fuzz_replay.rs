@@ -35,10 +35,9 @@ fn every_fuzz_entry_point_calls_its_target() {
     let manifest = std::fs::read_to_string(root.join("Cargo.toml")).expect("fuzz/Cargo.toml");
     // The quota service's target names (quota/src/fuzzing.rs), kept here as text because the
     // filter's tests do not link the service.
-    let quota_src = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("quota/src/fuzzing.rs"),
-    )
-    .expect("quota/src/fuzzing.rs");
+    let quota_src =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("quota/src/fuzzing.rs"))
+            .expect("quota/src/fuzzing.rs");
     let mut expected: Vec<(String, &str)> = api_guard::fuzzing::TARGETS
         .iter()
         .map(|(n, _)| (n.to_string(), "api_guard"))
@@ -53,17 +52,28 @@ fn every_fuzz_entry_point_calls_its_target() {
     }
     let mut files: Vec<String> = std::fs::read_dir(root.join("fuzz_targets"))
         .expect("fuzz/fuzz_targets")
-        .map(|e| e.expect("a directory entry").file_name().to_string_lossy().into_owned())
+        .map(|e| {
+            e.expect("a directory entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
         .collect();
     files.sort();
     let mut want: Vec<String> = expected.iter().map(|(n, _)| format!("{n}.rs")).collect();
     want.sort();
-    assert_eq!(files, want, "fuzz/fuzz_targets/ and the TARGETS tables differ");
+    assert_eq!(
+        files, want,
+        "fuzz/fuzz_targets/ and the TARGETS tables differ"
+    );
     for (name, krate) in &expected {
         let src = std::fs::read_to_string(root.join("fuzz_targets").join(format!("{name}.rs")))
             .expect("an entry point");
         let call = format!("{krate}::fuzzing::{name}(data)");
-        assert!(src.contains(&call), "fuzz/fuzz_targets/{name}.rs does not call {call}");
+        assert!(
+            src.contains(&call),
+            "fuzz/fuzz_targets/{name}.rs does not call {call}"
+        );
         assert!(
             manifest.contains(&format!("name = \"{name}\"")),
             "fuzz/Cargo.toml has no [[bin]] named {name}"
