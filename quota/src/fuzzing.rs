@@ -239,8 +239,16 @@ pub fn rls_config(data: &[u8]) {
         if let Some(r) = &n.rule {
             assert!(!r.stat_key.is_empty());
             if let Limit::Counted(c) = &r.limit {
-                // A window no arithmetic can overflow (the store's Lua works in doubles).
-                assert!(c.requests_per_unit.saturating_mul(c.unit.nominal_ms()) < 1 << 62);
+                // Counts stay exact in the store's Lua (doubles); a bucket or sliding window
+                // also multiplies by the unit in ms, which must stay exact too. A fixed window
+                // only compares its count with the limit, so the product does not bound it.
+                assert!(c.requests_per_unit <= crate::rls::config::MAX_REQUESTS_PER_UNIT);
+                if c.algorithm != crate::rls::config::Algorithm::FixedWindow {
+                    assert!(
+                        u128::from(c.requests_per_unit) * u128::from(c.unit.nominal_ms())
+                            < 1u128 << 52
+                    );
+                }
             }
         }
         for c in n.children.values() {
